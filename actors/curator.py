@@ -1,0 +1,128 @@
+"""The Curator actor of one job: drives shard reads for each epoch and answers batch requests.
+
+An async actor: many trainer requests wait on one event loop while reads are in flight, and
+nothing here blocks that loop (object refs are awaited, never fetched with ray.get).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError
+
+from loader.curator import Curator, CuratorSettings, Failed, JobSpec, Lookup, Materialize, Pending, Ready
+from loader.ids import shard_of
+from loader.reader import ReadResult, gather
+
+log = logging.getLogger("loader.curator")
+
+READ_ATTEMPTS = 3
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class CuratorActor:
+    def __init__(self, spec: JobSpec, settings: CuratorSettings, registry, readers: list, prefetch: int) -> None:
+        self._core = Curator(spec, settings)
+        self._registry, self._readers, self._prefetch = registry, readers, prefetch
+        self._turn = 0
+        self._feeders: dict[int, asyncio.Task] = {}
+        self._changed: asyncio.Condition | None = None
+
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def _notify(self) -> None:
+        async with self._condition():
+            self._condition().notify_all()
+
+    async def next_batch(self, rank: int, epoch: int, seq: int) -> Lookup:
+        """Waits until this rank's batch `seq` of `epoch` exists or the epoch has ended."""
+        feeder = self._feeders.get(epoch)
+        if feeder is None:
+            feeder = self._feeders[epoch] = asyncio.get_running_loop().create_task(self._feed(epoch))
+        cond = self._condition()
+        async with cond:
+            await cond.wait_for(lambda: epoch in self._core.epochs or feeder.done())
+            while True:
+                result = self._core.lookup(rank, epoch, seq)
+                cond.notify_all()  # the feeder may be waiting for a request to read further
+                if not isinstance(result, Pending):
+                    break
+                await cond.wait()
+        if isinstance(result, Materialize):
+            result = await self._materialize(result)
+        if isinstance(result, Ready):
+            self._core.served(result.rows)
+        return result
+
+    def ack(self, rank: int, epoch: int, seq: int) -> None:
+        self._core.ack(rank, epoch, seq)
+
+    def feedback(self, ids: np.ndarray, losses: np.ndarray) -> str:
+        return self._core.feedback(ids, losses)
+
+    def stats(self) -> dict:
+        return self._core.stats()
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def _reader(self):
+        self._turn += 1
+        return self._readers[self._turn % len(self._readers)]
+
+    async def _read(self, uri: str, index: int) -> ReadResult:
+        # A reader that dies mid-read is restarted by Ray; the shard goes to the next reader.
+        for _ in range(READ_ATTEMPTS):
+            try:
+                return await self._reader().read.remote(uri, index)
+            except RayActorError as exc:
+                log.warning("reader died while reading %s (%s); retrying", uri, exc)
+        return ReadResult(index, uri, error=f"reader actors died {READ_ATTEMPTS} times reading it")
+
+    async def _feed(self, epoch: int) -> None:
+        try:
+            shards = await self._registry.readable.remote()
+            queue = collections.deque(self._core.start_epoch(epoch, shards))
+            await self._notify()
+            inflight: set[asyncio.Task] = set()
+            while queue or inflight:
+                while queue and len(inflight) < self._prefetch and self._core.wants_more(epoch):
+                    shard = queue.popleft()
+                    inflight.add(asyncio.ensure_future(self._read(shard.uri, shard.index)))
+                if not inflight:
+                    async with self._condition():
+                        await self._condition().wait_for(lambda: self._core.wants_more(epoch))
+                    continue
+                done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    self._accept(epoch, task.result())
+                await self._notify()
+            self._core.finish_reading(epoch)
+        except Exception as exc:  # a waiting trainer must hear about it rather than hang
+            log.exception("epoch %d of job %s failed", epoch, self._core.spec.job)
+            if epoch in self._core.epochs:
+                self._core.fail_epoch(epoch, f"epoch {epoch} failed: {exc!r}")
+        await self._notify()
+
+    def _accept(self, epoch: int, result: ReadResult) -> None:
+        reason = result.error or self._core.add_shard(epoch, result.index, result.table)
+        if reason:
+            self._registry.quarantine.remote(result.index, reason)
+        else:
+            self._registry.mark_read.remote(result.index, result.table.num_rows)
+
+    async def _materialize(self, wanted: Materialize) -> Ready | Failed:
+        shards = {int(s) for s in np.unique(shard_of(wanted.ids))}
+        uris = {r.index: r.uri for r in await self._registry.records.remote()}
+        results = await asyncio.gather(*(self._read(uris[s], s) for s in shards))
+        try:
+            table = gather(wanted.ids, {r.index: r for r in results})
+        except Exception as exc:
+            return Failed(f"cannot re-serve batch {wanted.seq}: {exc}")
+        return Ready(wanted.seq, len(wanted.ids), self._core.rebuild([table], wanted.weights))

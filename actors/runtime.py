@@ -1,0 +1,32 @@
+"""Starting or joining Ray."""
+
+from __future__ import annotations
+
+import logging
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Joins `address` ("auto", ray://...) or starts a local Ray on loopback; no-op if connected."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        log.info("joined Ray at %s", address)
+        return
+    ray.init(
+        num_cpus=num_cpus,
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=False,
+    )
+    log.info("started a local Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()

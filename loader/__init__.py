@@ -1,0 +1,6 @@
+"""loader: a streaming data-loader service that feeds PyTorch trainers with curated batches."""
+
+from loader.client import RemoteLoader
+
+__all__ = ["RemoteLoader"]
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""The trainer side: RemoteLoader, a drop-in for torch.utils.data.DataLoader."""
+
+from loader.client.remote_loader import RemoteLoader
+
+__all__ = ["RemoteLoader"]

@@ -1,0 +1,139 @@
+"""RemoteLoader: iterate it like a DataLoader; batches come from the loader service."""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+import numpy as np
+
+from loader.client.stream import TrainStream
+from loader.v1 import loader_pb2 as pb
+from loader.v1 import loader_pb2_grpc as pb_grpc
+
+STATE_KEYS = ("job", "rank", "world_size", "epoch", "seq")
+
+
+class RemoteLoader:
+    """Streams curated batches of `job` from the service at `address`.
+
+    One `for` loop is one epoch. Each batch is a dict of tensors (strings stay lists) with `_id`
+    (int64 sample ids) and `_weight` (float32 importance weights). Tensors share memory with the
+    received message: no copy per batch.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        job: str,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        token: str | None = None,
+        *,
+        policy: str = "",
+        seed: int = 0,
+        prefetch: int = 4,
+        timeout_s: float = 300.0,
+        max_message_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if batch_size < 1 or prefetch < 1:
+            raise ValueError("batch_size and prefetch must be positive")
+        self.address, self.job, self.batch_size = address, job, batch_size
+        self.rank, self.world_size, self.policy, self.seed = rank, world_size, policy, seed
+        self.prefetch, self.timeout_s = prefetch, timeout_s
+        token = token if token is not None else os.environ.get("LOADER_TOKEN")
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+        self._channel = grpc.insecure_channel(address, options=options)
+        self._stub = pb_grpc.LoaderStub(self._channel)
+        self._epoch = 0
+        self._seq = 0
+        self._stream: TrainStream | None = None
+        self._unsent: list[tuple[np.ndarray, np.ndarray]] = []
+
+    # -- iteration -------------------------------------------------------------------------------
+
+    def __iter__(self):
+        hello = pb.Hello(
+            job=self.job, rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
+            policy=self.policy, seed=self.seed, epoch=self._epoch, next_seq=self._seq,
+        )  # fmt: skip
+        stream = TrainStream(self._stub, hello, self.prefetch, self._metadata, self._unsent)
+        self._unsent = []
+        self._stream = stream
+        finished = False
+        try:
+            while True:
+                kind, value, batch = stream.next(self.timeout_s)
+                if kind == "batch":
+                    self._seq = value + 1
+                    stream.ack(self._epoch, value)
+                    yield batch
+                elif kind == "status" and value.code == pb.Status.END_OF_EPOCH:
+                    finished = True
+                    return
+                elif kind == "error":
+                    raise value
+                elif kind == "closed":
+                    raise ConnectionError(f"the loader service closed the stream of job {self.job!r} mid-epoch")
+        finally:
+            self._stream = None
+            stream.close(timeout_s=10.0)
+            if not finished:
+                stream.cancel()
+            else:
+                # The server ends the RPC once our side is closed; wait for that, boundedly.
+                stream.next(timeout_s=30.0)
+                self._epoch += 1
+                self._seq = 0
+
+    def report(self, batch: dict, losses) -> None:
+        """Reports per-sample losses for a served batch. Never blocks on the network."""
+        ids = batch["_id"]
+        ids = ids.numpy() if hasattr(ids, "numpy") else np.asarray(ids)
+        if hasattr(losses, "detach"):
+            losses = losses.detach().to("cpu", dtype=_float32()).numpy()
+        losses = np.asarray(losses, dtype=np.float32).reshape(-1)
+        if len(losses) != len(ids):
+            raise ValueError(f"report() got {len(losses)} losses for a batch of {len(ids)} samples")
+        if self._stream is not None:
+            self._stream.report(ids, losses)
+        else:
+            self._unsent.append((ids, losses))
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"job": self.job, "rank": self.rank, "world_size": self.world_size, "epoch": self._epoch, "seq": self._seq}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise KeyError(f"loader state lacks {', '.join(missing)}")
+        for key in ("job", "rank", "world_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"state is for {key}={state[key]!r}, this loader has {key}={getattr(self, key)!r}")
+        self._epoch, self._seq = int(state["epoch"]), int(state["seq"])
+
+    # -- service ---------------------------------------------------------------------------------
+
+    def stats(self) -> pb.Stats:
+        return self._stub.GetStats(pb.GetStatsRequest(job=self.job), metadata=self._metadata, timeout=30)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "RemoteLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _float32():
+    import torch
+
+    return torch.float32

@@ -1,0 +1,106 @@
+"""One Train stream as the trainer sees it: a request queue in, decoded responses out.
+
+gRPC's sync client consumes the request iterator on its own thread; a second thread reads the
+responses and decodes batches, so decoding overlaps with the training step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import grpc
+import numpy as np
+
+from loader import codec
+from loader.v1 import loader_pb2 as pb
+
+_CLOSE = object()
+
+
+class StreamTimeout(TimeoutError):
+    pass
+
+
+class TrainStream:
+    def __init__(self, stub, hello: pb.Hello, credits: int, metadata: tuple, feedback: list) -> None:
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._responses: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests_done = threading.Event()
+        self._requests.put(pb.TrainRequest(hello=hello))
+        for ids, losses in feedback:  # reported while no stream was open
+            self.report(ids, losses)
+        self._requests.put(pb.TrainRequest(credit=pb.Credit(batches=credits)))
+        self._call = stub.Train(self._request_iter(), metadata=metadata)
+        self._pump = threading.Thread(target=self._read_responses, name="loader-stream", daemon=True)
+        self._pump.start()
+
+    def _request_iter(self):
+        try:
+            while True:
+                item = self._requests.get()
+                if item is _CLOSE:
+                    return
+                if isinstance(item, tuple):
+                    yield self._coalesce(item)
+                else:
+                    yield item
+        finally:
+            self._requests_done.set()
+
+    def _coalesce(self, first: tuple) -> pb.TrainRequest:
+        """Merges the feedback queued right now into one message: fewer, larger messages."""
+        ids, losses = [first[0]], [first[1]]
+        held = []
+        while True:
+            try:
+                item = self._requests.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, tuple):
+                ids.append(item[0])
+                losses.append(item[1])
+            else:
+                held.append(item)
+                break
+        for item in held:  # keep order for what was not feedback
+            self._requests.put(item)
+        feedback = pb.Feedback(
+            ids=np.concatenate(ids).astype("<i8", copy=False).tobytes(),
+            losses=np.concatenate(losses).astype("<f4", copy=False).tobytes(),
+        )
+        return pb.TrainRequest(feedback=feedback)
+
+    def _read_responses(self) -> None:
+        try:
+            for response in self._call:
+                if response.WhichOneof("kind") == "batch":
+                    batch = response.batch
+                    self._responses.put(("batch", batch.seq, codec.to_torch(codec.decode(batch.arrow_ipc))))
+                else:
+                    self._responses.put(("status", response.status, None))
+            self._responses.put(("closed", None, None))
+        except grpc.RpcError as exc:
+            self._responses.put(("error", exc, None))
+
+    def next(self, timeout_s: float):
+        try:
+            return self._responses.get(timeout=timeout_s)
+        except queue.Empty:
+            raise StreamTimeout(f"no message from the loader service within {timeout_s:g} s") from None
+
+    def ack(self, epoch: int, seq: int) -> None:
+        self._requests.put(pb.TrainRequest(ack=pb.Ack(epoch=epoch, seq=seq)))
+        self._requests.put(pb.TrainRequest(credit=pb.Credit(batches=1)))
+
+    def report(self, ids: np.ndarray, losses: np.ndarray) -> None:
+        self._requests.put((ids, losses))
+
+    def close(self, timeout_s: float) -> bool:
+        """Half-closes after everything queued is sent; True if that happened within the time."""
+        self._requests.put(_CLOSE)
+        return self._requests_done.wait(timeout_s)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+        self._pump.join(timeout=5)

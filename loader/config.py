@@ -1,0 +1,138 @@
+"""Service configuration: one YAML mapping, validated on load; every error names its key."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import yaml
+
+from loader.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    # Shard paths, brace patterns (`train-{000000..000009}.tar`) or globs.
+    shards: tuple[str, ...] = ()
+    # HOST:PORT for the gRPC server; port 0 lets the OS pick (printed as `listening on HOST:PORT`).
+    address: str = "127.0.0.1:50051"
+    # None: start a local Ray on loopback; "auto" or ray://...: join that cluster.
+    ray_address: str | None = None
+    # CPUs given to a local Ray (None: all of the machine's).
+    num_cpus: int | None = None
+    readers: int = 2
+    # Shard reads a curator keeps in flight.
+    prefetch_shards: int = 2
+    # Rows held back and sampled from, per job epoch; larger mixes shards better, costs memory.
+    shuffle_rows: int = 4096
+    # Batches a curator assembles ahead of the slowest request before it pauses reading.
+    ready_batches: int = 16
+    default_policy: str = "uniform"
+    max_message_bytes: int = 256 * 1024 * 1024
+    # A stream must send Hello within this many seconds.
+    hello_timeout_s: float = 30.0
+    # Directory for persisted state (registry, caches); None keeps everything in memory.
+    state_dir: str | None = None
+    log_level: str = "INFO"
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServiceConfig)}
+_POSITIVE_INTS = ("readers", "prefetch_shards", "ready_batches", "max_message_bytes")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _check_type(key: str, value: Any, kind: type | tuple) -> None:
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise ConfigError(key, f"expected {_kind_name(kind)}, got a boolean")
+    if not isinstance(value, kind):
+        raise ConfigError(key, f"expected {_kind_name(kind)}, got {type(value).__name__} {value!r}")
+
+
+def _kind_name(kind: type | tuple) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join({int: "an integer", float: "a number", str: "a string"}.get(k, k.__name__) for k in kinds)
+
+
+def _normalise(key: str, value: Any) -> Any:
+    if key == "shards":
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(key, "expected a pattern or a list of non-empty path patterns")
+        return tuple(value)
+    if key in ("ray_address", "state_dir"):
+        if value is not None:
+            _check_type(key, value, str)
+        return value
+    if key == "num_cpus":
+        if value is not None:
+            _check_type(key, value, int)
+            if value < 1:
+                raise ConfigError(key, f"must be at least 1, got {value}")
+        return value
+    if key in _POSITIVE_INTS or key == "shuffle_rows":
+        _check_type(key, value, int)
+        if value < (0 if key == "shuffle_rows" else 1):
+            raise ConfigError(key, f"must be {'non-negative' if key == 'shuffle_rows' else 'positive'}, got {value}")
+        return value
+    if key == "hello_timeout_s":
+        _check_type(key, value, (int, float))
+        if value <= 0:
+            raise ConfigError(key, f"must be positive, got {value}")
+        return float(value)
+    if key == "address":
+        _check_type(key, value, str)
+        parse_address(value)
+        return value
+    if key == "log_level":
+        _check_type(key, value, str)
+        if value.upper() not in _LOG_LEVELS:
+            raise ConfigError(key, f"expected one of {', '.join(_LOG_LEVELS)}, got {value!r}")
+        return value.upper()
+    if key == "default_policy":
+        _check_type(key, value, str)
+        from loader.selection.policies import POLICIES
+
+        if value not in POLICIES:
+            raise ConfigError(key, f"unknown policy {value!r}; known: {', '.join(sorted(POLICIES))}")
+        return value
+    return value
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError("address", f"expected HOST:PORT with a port from 0 to 65535, got {address!r}")
+    return host, int(port)
+
+
+def from_mapping(values: dict[str, Any], source: str = "config") -> ServiceConfig:
+    if not isinstance(values, dict):
+        raise ConfigError(source, f"expected a mapping of keys to values, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown key; known keys: {', '.join(sorted(_FIELDS))}")
+    return ServiceConfig(**{k: _normalise(k, v) for k, v in values.items()})
+
+
+def load(path: str | pathlib.Path | None, overrides: dict[str, Any] | None = None) -> ServiceConfig:
+    """Reads a YAML file (optional), applies overrides whose value is not None, validates."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = pathlib.Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError("--config", f"file {str(path)!r} not found") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError("--config", f"{path} is not valid YAML: {exc}") from None
+        if loaded is not None:
+            if not isinstance(loaded, dict):
+                raise ConfigError("--config", f"{path} must hold a mapping, got {type(loaded).__name__}")
+            values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    config = from_mapping(values)
+    if not config.shards:
+        raise ConfigError("shards", "no shards given (set `shards` in the config or pass --shards)")
+    return config

@@ -1,0 +1,215 @@
+"""The curator of one job: epochs, the batch ledger, per-rank cursors and feedback. No Ray here.
+
+Global batch g of an epoch goes to rank g % world_size as that rank's sequence number
+g // world_size. The ledger keeps every served batch's ids and weights for the epoch, so a trainer
+resuming from an older `state_dict` gets the very same batches again; encoded payloads are kept
+only until the rank acknowledges them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+
+from loader import codec
+from loader.epoch import EpochAssembler
+from loader.pool import PoolIndex, UnknownSamples
+from loader.registry import ShardRecord
+from loader.selection.policies import make_policy
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    job: str
+    batch_size: int
+    world_size: int
+    policy: str
+    seed: int
+
+    def conflict(self, other: "JobSpec") -> str:
+        """Why `other` cannot join this job, or '' if it can."""
+        for field in ("batch_size", "world_size", "policy", "seed"):
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if mine != theirs:
+                return f"job {self.job!r} runs with {field}={mine!r}, got {field}={theirs!r}"
+        return ""
+
+
+@dataclasses.dataclass(frozen=True)
+class CuratorSettings:
+    shuffle_rows: int = 4096
+    ready_batches: int = 16
+    keep_epochs: int = 2
+
+
+@dataclasses.dataclass
+class Ready:
+    seq: int
+    rows: int
+    payload: bytes
+
+
+@dataclasses.dataclass
+class Pending:
+    pass
+
+
+@dataclasses.dataclass
+class EndOfEpoch:
+    batches: int
+
+
+@dataclasses.dataclass
+class Materialize:
+    """An acknowledged batch is wanted again: its rows must be re-read from these ids."""
+
+    seq: int
+    ids: np.ndarray
+    weights: np.ndarray
+
+
+@dataclasses.dataclass
+class Failed:
+    message: str
+
+
+Lookup = Ready | Pending | EndOfEpoch | Materialize | Failed
+
+
+@dataclasses.dataclass
+class EpochRun:
+    assembler: EpochAssembler
+    ids: list[np.ndarray] = dataclasses.field(default_factory=list)
+    weights: list[np.ndarray] = dataclasses.field(default_factory=list)
+    payloads: dict[int, bytes] = dataclasses.field(default_factory=dict)
+    # Highest global batch index any rank has asked for; drives read-ahead.
+    wanted: int = -1
+    ended_ranks: set[int] = dataclasses.field(default_factory=set)
+    # Per rank: the highest acknowledged sequence number (payloads up to it are dropped).
+    acked: dict[int, int] = dataclasses.field(default_factory=dict)
+    error: str = ""
+
+
+class Curator:
+    def __init__(self, spec: JobSpec, settings: CuratorSettings = CuratorSettings()) -> None:
+        self.spec, self.settings = spec, settings
+        self.policy = make_policy(spec.policy)
+        self.pool = PoolIndex()
+        self.schema: pa.Schema | None = None
+        self.epochs: dict[int, EpochRun] = {}
+        self.batches_served = 0
+        self.samples_served = 0
+
+    # -- reading side ---------------------------------------------------------------------------
+
+    def start_epoch(self, epoch: int, shards: list[ShardRecord]) -> list[ShardRecord]:
+        """Creates the epoch and returns its shards in the order to read them."""
+        if epoch in self.epochs:
+            raise RuntimeError(f"epoch {epoch} already started")
+        seed = np.random.SeedSequence([self.spec.seed, epoch])
+        rng = np.random.default_rng(seed)
+        assembler = EpochAssembler(
+            self.spec.batch_size, self.spec.world_size, self.settings.shuffle_rows, int(rng.integers(2**63))
+        )
+        self.epochs[epoch] = EpochRun(assembler)
+        self._forget_old_epochs(epoch)
+        return [shards[i] for i in rng.permutation(len(shards))]
+
+    def add_shard(self, epoch: int, index: int, table: pa.Table) -> str:
+        """Adds one shard's rows; returns why the shard must be quarantined, or ''."""
+        if self.schema is None:
+            self.schema = table.schema
+        elif not table.schema.equals(self.schema):
+            return f"schema differs from the pool's: got {_describe(table.schema)}, expected {_describe(self.schema)}"
+        self.pool.ensure_shard(index, table.num_rows)
+        run = self.epochs[epoch]
+        run.assembler.add(table)
+        self._collect(run)
+        return ""
+
+    def finish_reading(self, epoch: int) -> None:
+        run = self.epochs[epoch]
+        run.assembler.finish()
+        self._collect(run)
+
+    def fail_epoch(self, epoch: int, message: str) -> None:
+        self.epochs[epoch].error = message
+
+    def wants_more(self, epoch: int) -> bool:
+        run = self.epochs[epoch]
+        return len(run.ids) <= run.wanted + self.settings.ready_batches * self.spec.world_size
+
+    def _collect(self, run: EpochRun) -> None:
+        for table in run.assembler.pop_ready():
+            ids = table.column(codec.ID).to_numpy()
+            weights = self.policy.weights(ids)
+            run.payloads[len(run.ids)] = codec.encode(table.append_column(codec.WEIGHT, pa.array(weights)))
+            run.ids.append(ids)
+            run.weights.append(weights)
+
+    # -- serving side ---------------------------------------------------------------------------
+
+    def lookup(self, rank: int, epoch: int, seq: int) -> Lookup:
+        run = self.epochs.get(epoch)
+        if run is None:
+            return Failed(f"epoch {epoch} of job {self.spec.job!r} is no longer kept")
+        if run.error:
+            return Failed(run.error)
+        g = seq * self.spec.world_size + rank
+        run.wanted = max(run.wanted, g)
+        if g < len(run.ids):
+            payload = run.payloads.get(g)
+            if payload is None:
+                return Materialize(seq, run.ids[g], run.weights[g])
+            return Ready(seq, len(run.ids[g]), payload)
+        if run.assembler.exhausted:
+            run.ended_ranks.add(rank)
+            return EndOfEpoch(len(run.ids) // self.spec.world_size)
+        return Pending()
+
+    def served(self, rows: int) -> None:
+        self.batches_served += 1
+        self.samples_served += rows
+
+    def ack(self, rank: int, epoch: int, seq: int) -> None:
+        run = self.epochs.get(epoch)
+        if run is None:
+            return
+        w = self.spec.world_size
+        first = run.acked.get(rank, -1) + 1
+        for s in range(first, seq + 1):
+            run.payloads.pop(s * w + rank, None)
+        run.acked[rank] = max(seq, first - 1)
+
+    def feedback(self, ids: np.ndarray, losses: np.ndarray) -> str:
+        """Stores reported losses; returns why they were rejected, or ''. Rejection changes nothing."""
+        try:
+            self.pool.record_losses(ids, losses)
+        except (ValueError, UnknownSamples) as exc:
+            return str(exc)
+        return ""
+
+    def rebuild(self, tables: list[pa.Table], weights: np.ndarray) -> bytes:
+        return codec.encode(pa.concat_tables(tables).append_column(codec.WEIGHT, pa.array(weights)))
+
+    def _forget_old_epochs(self, newest: int) -> None:
+        for epoch in [e for e in self.epochs if e <= newest - self.settings.keep_epochs]:
+            del self.epochs[epoch]
+
+    def stats(self) -> dict:
+        return {
+            "job": self.spec.job,
+            "policy": self.spec.policy,
+            "world_size": self.spec.world_size,
+            "batch_size": self.spec.batch_size,
+            "epoch": max(self.epochs, default=0),
+            "batches_served": self.batches_served,
+            "samples_served": self.samples_served,
+            "feedback_samples": self.pool.feedback_samples,
+        }
+
+
+def _describe(schema: pa.Schema) -> str:
+    return "{" + ", ".join(f"{f.name}: {f.type}" for f in schema) + "}"

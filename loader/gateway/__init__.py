@@ -1,0 +1,1 @@
+"""The gRPC gateway: the only place (with the client) that speaks gRPC."""

@@ -1,0 +1,84 @@
+"""Builds the gRPC server (Loader service, health, reflection) and runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from loader.config import ServiceConfig, parse_address
+from loader.gateway.service import LoaderService
+from loader.v1 import loader_pb2, loader_pb2_grpc
+
+log = logging.getLogger("loader.gateway")
+
+SERVICE_NAME = loader_pb2.DESCRIPTOR.services_by_name["Loader"].full_name
+
+
+def message_options(max_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
+
+
+class Gateway:
+    """The running gRPC server of one pipeline; `address` is the bound HOST:PORT."""
+
+    def __init__(self, pipeline, config: ServiceConfig) -> None:
+        self.pipeline, self.config = pipeline, config
+        self.address = ""
+        self._server: grpc.aio.Server | None = None
+        self._health = HealthServicer()
+
+    async def start(self) -> str:
+        host, _ = parse_address(self.config.address)
+        server = grpc.aio.server(options=message_options(self.config.max_message_bytes))
+        loader_pb2_grpc.add_LoaderServicer_to_server(LoaderService(self.pipeline, self.config), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            server,
+        )
+        port = server.add_insecure_port(self.config.address)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.config.address}")
+        await server.start()
+        self._server = server
+        self.address = f"{host}:{port}"
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.address
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        if self._server is not None:
+            await self._health.enter_graceful_shutdown()
+            await self._server.stop(grace_s)
+            self._server = None
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+
+class BackgroundGateway:
+    """A gateway on its own event loop thread, for embedding the service in a Python process."""
+
+    def __init__(self, pipeline, config: ServiceConfig) -> None:
+        self.gateway = Gateway(pipeline, config)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="loader-gateway", daemon=True)
+
+    def start(self, timeout_s: float = 30.0) -> str:
+        self._thread.start()
+        return asyncio.run_coroutine_threadsafe(self.gateway.start(), self._loop).result(timeout_s)
+
+    @property
+    def address(self) -> str:
+        return self.gateway.address
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        asyncio.run_coroutine_threadsafe(self.gateway.stop(), self._loop).result(timeout_s)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout_s)

@@ -1,0 +1,90 @@
+"""The `loader.v1.Loader` servicer: validates what trainers send and delegates to the pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from loader.errors import ConfigError
+from loader.gateway.train import DRAIN_TIMEOUT_S, Abort, TrainSession, job_spec
+from loader.v1 import loader_pb2 as pb
+from loader.v1 import loader_pb2_grpc as pb_grpc
+
+log = logging.getLogger("loader.gateway")
+
+
+def shard_info(record) -> pb.ShardInfo:
+    return pb.ShardInfo(index=record.index, uri=record.uri, state=record.state, reason=record.reason, rows=record.rows)
+
+
+class LoaderService(pb_grpc.LoaderServicer):
+    def __init__(self, pipeline, config) -> None:
+        self.pipeline, self.config = pipeline, config
+        # (job, rank) -> the live session; a newer stream for the same rank supersedes it.
+        self.sessions: dict[tuple[str, int], TrainSession] = {}
+
+    async def Train(self, request_iterator, context):
+        requests = request_iterator.__aiter__()
+        try:
+            first = await asyncio.wait_for(requests.__anext__(), timeout=self.config.hello_timeout_s)
+        except asyncio.TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"no Hello within {self.config.hello_timeout_s:g} s"
+            )
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("kind") != "hello":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"the first message must be Hello, got {first.WhichOneof('kind')}"
+            )
+        try:
+            spec = job_spec(first.hello, self.config.default_policy)
+            session = TrainSession(self.pipeline, spec, first.hello)
+        except Abort as abort:
+            await context.abort(abort.code, abort.message)
+        except ValueError as exc:  # JobConflict
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        key = (spec.job, session.rank)
+        previous = self.sessions.get(key)
+        if previous is not None:
+            previous.stop(Abort(grpc.StatusCode.ABORTED, f"superseded by a newer stream for job {spec.job!r} rank {session.rank}"))
+        self.sessions[key] = session
+        reader = asyncio.ensure_future(session.read_requests(requests))
+        try:
+            yield pb.TrainResponse(status=pb.Status(code=pb.Status.READY, epoch=session.epoch, policy=spec.policy))
+            async for response in session.batches():
+                yield response
+            # Feedback for the last batches may still be on its way; the trainer closes its side.
+            await asyncio.wait_for(asyncio.shield(reader), timeout=DRAIN_TIMEOUT_S)
+            if session.abort is not None:
+                raise session.abort
+        except Abort as abort:
+            await context.abort(abort.code, abort.message)
+        except asyncio.TimeoutError:
+            log.warning("job %s rank %d did not close its stream after the epoch", spec.job, session.rank)
+        finally:
+            reader.cancel()
+            if self.sessions.get(key) is session:
+                del self.sessions[key]
+
+    async def GetStats(self, request, context):
+        stats = await self.pipeline.stats(request.job)
+        return pb.Stats(
+            shards=[shard_info(r) for r in stats["shards"]],
+            jobs=[pb.JobInfo(**job) for job in stats["jobs"]],
+            trainers_connected=len(self.sessions),
+        )
+
+    async def AddShards(self, request, context):
+        if not request.uris:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "AddShards.uris is empty")
+        try:
+            records = await self.pipeline.add_shards(list(request.uris))
+        except ConfigError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.AddShardsResponse(shards=[shard_info(r) for r in records])
+
+    async def PushWeights(self, request_iterator, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "PushWeights arrives with snapshot-mode scoring")

@@ -1,0 +1,177 @@
+"""One trainer's Train stream: Hello, then credits bound how many batches may be in flight.
+
+The handler is an async generator. A side task reads the trainer's messages (credits, acks,
+feedback); anything it rejects becomes an `Abort` that the generator raises as the RPC's status,
+so a bad message ends the stream with a clear code and changes no state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+import grpc
+import numpy as np
+
+from loader.curator import EndOfEpoch, Failed, JobSpec, Ready
+from loader.selection.policies import POLICIES
+from loader.v1 import loader_pb2 as pb
+
+log = logging.getLogger("loader.gateway")
+
+MAX_CREDIT = 1024
+# After END_OF_EPOCH the trainer may still send feedback before it closes its side.
+DRAIN_TIMEOUT_S = 60.0
+
+
+@dataclasses.dataclass
+class Abort(Exception):
+    code: grpc.StatusCode
+    message: str
+
+
+def job_spec(hello: pb.Hello, default_policy: str) -> JobSpec:
+    if not hello.job:
+        raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "Hello.job must name the job")
+    if hello.world_size < 1:
+        raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"Hello.world_size must be at least 1, got {hello.world_size}")
+    if hello.rank >= hello.world_size:
+        raise Abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"Hello.rank must be below world_size {hello.world_size}, got {hello.rank}"
+        )
+    if hello.batch_size < 1:
+        raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"Hello.batch_size must be at least 1, got {hello.batch_size}")
+    policy = hello.policy or default_policy
+    if policy not in POLICIES:
+        raise Abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"unknown policy {policy!r}; known: {', '.join(sorted(POLICIES))}"
+        )
+    return JobSpec(hello.job, hello.batch_size, hello.world_size, policy, hello.seed)
+
+
+def decode_feedback(feedback: pb.Feedback) -> tuple[np.ndarray, np.ndarray]:
+    if len(feedback.ids) % 8 or len(feedback.losses) % 4:
+        raise Abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"Feedback.ids must be int64 and losses float32 arrays, got {len(feedback.ids)} and "
+            f"{len(feedback.losses)} bytes",
+        )
+    ids = np.frombuffer(feedback.ids, dtype="<i8")
+    losses = np.frombuffer(feedback.losses, dtype="<f4")
+    if len(ids) != len(losses):
+        raise Abort(
+            grpc.StatusCode.INVALID_ARGUMENT, f"Feedback has {len(ids)} ids but {len(losses)} losses"
+        )
+    if not np.isfinite(losses).all():
+        raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "Feedback.losses holds NaN or infinite values")
+    return ids, losses
+
+
+class TrainSession:
+    def __init__(self, pipeline, spec: JobSpec, hello: pb.Hello) -> None:
+        self.pipeline, self.spec = pipeline, spec
+        self.rank, self.epoch = hello.rank, hello.epoch
+        self.curator = pipeline.job(spec)
+        self.next_seq = hello.next_seq
+        self.credits = 0
+        self.changed = asyncio.Event()
+        self.abort: Abort | None = None
+        self.reader_done = False
+
+    def stop(self, abort: Abort) -> None:
+        if self.abort is None:
+            self.abort = abort
+        self.changed.set()
+
+    async def read_requests(self, requests) -> None:
+        pending_feedback: set[asyncio.Task] = set()
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("kind")
+                if kind == "credit":
+                    self._credit(request.credit)
+                elif kind == "ack":
+                    self._ack(request.ack)
+                elif kind == "feedback":
+                    ids, losses = decode_feedback(request.feedback)
+                    task = asyncio.ensure_future(self._feedback(ids, losses))
+                    pending_feedback.add(task)
+                    task.add_done_callback(pending_feedback.discard)
+                elif kind == "hello":
+                    raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "a second Hello on the same stream")
+                else:
+                    raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "an empty TrainRequest")
+            if pending_feedback:
+                await asyncio.gather(*pending_feedback)
+        except Abort as abort:
+            self.stop(abort)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream broke: nothing more will come
+            log.debug("trainer stream of job %s rank %d ended: %r", self.spec.job, self.rank, exc)
+        finally:
+            self.reader_done = True
+            self.changed.set()
+
+    def _credit(self, credit: pb.Credit) -> None:
+        if not 1 <= credit.batches <= MAX_CREDIT:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"Credit.batches must be 1..{MAX_CREDIT}, got {credit.batches}")
+        self.credits += credit.batches
+        self.changed.set()
+
+    def _ack(self, ack: pb.Ack) -> None:
+        if ack.epoch != self.epoch or ack.seq >= self.next_seq:
+            raise Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Ack for epoch {ack.epoch} batch {ack.seq}, which this stream never sent "
+                f"(epoch {self.epoch}, next batch {self.next_seq})",
+            )
+        self.pipeline.ack(self.curator, self.rank, ack.epoch, ack.seq)
+
+    async def _feedback(self, ids: np.ndarray, losses: np.ndarray) -> None:
+        problem = await self.pipeline.feedback(self.curator, ids, losses)
+        if problem:
+            self.stop(Abort(grpc.StatusCode.INVALID_ARGUMENT, f"Feedback rejected: {problem}"))
+
+    async def wait(self, awaitable=None):
+        """Waits for `awaitable` (or for any change when None), raising the session's Abort first."""
+        task = None if awaitable is None else asyncio.ensure_future(awaitable)
+        while True:
+            if self.abort is not None:
+                if task is not None:
+                    task.cancel()
+                raise self.abort
+            if task is not None and task.done():
+                return task.result()
+            self.changed.clear()
+            waiters = [asyncio.ensure_future(self.changed.wait())]
+            if task is not None:
+                waiters.append(task)
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if waiters[0] not in done:
+                waiters[0].cancel()
+            if task is None:
+                return None
+
+    async def batches(self):
+        """Yields TrainResponses until this rank's share of the epoch has been sent."""
+        while True:
+            while self.credits <= 0:
+                if self.reader_done:
+                    return  # the trainer closed its side: no credit can come any more
+                await self.wait()
+            result = await self.wait(self.pipeline.next_batch(self.curator, self.rank, self.epoch, self.next_seq))
+            if isinstance(result, Failed):
+                raise Abort(grpc.StatusCode.FAILED_PRECONDITION, result.message)
+            if isinstance(result, EndOfEpoch):
+                yield pb.TrainResponse(
+                    status=pb.Status(code=pb.Status.END_OF_EPOCH, epoch=self.epoch, batches=result.batches)
+                )
+                return
+            assert isinstance(result, Ready)
+            self.credits -= 1
+            self.next_seq += 1
+            yield pb.TrainResponse(
+                batch=pb.Batch(epoch=self.epoch, seq=result.seq, rows=result.rows, arrow_ipc=result.payload)
+            )

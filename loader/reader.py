@@ -1,0 +1,52 @@
+"""The shard-reading stage: one shard URI in, one table with sample ids out (or why not)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pyarrow as pa
+
+from loader.codec import ID
+from loader.errors import ShardError
+from loader.ids import make_ids, row_of
+from loader.sources import read_shard
+
+
+@dataclasses.dataclass
+class ReadResult:
+    index: int
+    uri: str
+    table: pa.Table | None = None
+    error: str = ""
+
+
+def read_with_ids(uri: str, index: int) -> ReadResult:
+    try:
+        table = read_shard(uri)
+    except ShardError as exc:
+        return ReadResult(index, uri, error=exc.reason)
+    if ID in table.column_names:
+        return ReadResult(index, uri, error=f"column {ID!r} is reserved for sample ids")
+    return ReadResult(index, uri, table=table.append_column(ID, pa.array(make_ids(index, table.num_rows))))
+
+
+def take_rows(result: ReadResult, ids: np.ndarray) -> pa.Table:
+    """Rows of one shard by sample id, in the order given (re-serving a batch after a resume)."""
+    if result.table is None:
+        raise ShardError(result.uri, result.error)
+    return result.table.take(pa.array(row_of(ids)))
+
+
+def gather(ids: np.ndarray, shards: dict[int, ReadResult]) -> pa.Table:
+    """Rows for `ids` (any mix of shards) in the order of `ids`."""
+    from loader.ids import shard_of
+
+    owners = shard_of(ids)
+    parts, order = [], []
+    for shard in np.unique(owners):
+        positions = np.flatnonzero(owners == shard)
+        parts.append(take_rows(shards[int(shard)], ids[positions]))
+        order.append(positions)
+    table = pa.concat_tables(parts)
+    return table.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))

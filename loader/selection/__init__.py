@@ -1,0 +1,1 @@
+"""Selection math: pure numpy, no Ray, no gRPC."""

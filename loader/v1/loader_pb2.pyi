@@ -1,0 +1,182 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Hello(_message.Message):
+    __slots__ = ("job", "rank", "world_size", "batch_size", "policy", "seed", "epoch", "next_seq")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    NEXT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    rank: int
+    world_size: int
+    batch_size: int
+    policy: str
+    seed: int
+    epoch: int
+    next_seq: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., next_seq: _Optional[int] = ...) -> None: ...
+
+class Credit(_message.Message):
+    __slots__ = ("batches",)
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    batches: int
+    def __init__(self, batches: _Optional[int] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("epoch", "seq")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    seq: int
+    def __init__(self, epoch: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class Feedback(_message.Message):
+    __slots__ = ("ids", "losses")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    ids: bytes
+    losses: bytes
+    def __init__(self, ids: _Optional[bytes] = ..., losses: _Optional[bytes] = ...) -> None: ...
+
+class TrainRequest(_message.Message):
+    __slots__ = ("hello", "credit", "ack", "feedback")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    CREDIT_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    credit: Credit
+    ack: Ack
+    feedback: Feedback
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., credit: _Optional[_Union[Credit, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., feedback: _Optional[_Union[Feedback, _Mapping]] = ...) -> None: ...
+
+class Batch(_message.Message):
+    __slots__ = ("epoch", "seq", "rows", "arrow_ipc")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    ARROW_IPC_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    seq: int
+    rows: int
+    arrow_ipc: bytes
+    def __init__(self, epoch: _Optional[int] = ..., seq: _Optional[int] = ..., rows: _Optional[int] = ..., arrow_ipc: _Optional[bytes] = ...) -> None: ...
+
+class Status(_message.Message):
+    __slots__ = ("code", "epoch", "message", "policy", "batches")
+    class Code(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        CODE_UNSPECIFIED: _ClassVar[Status.Code]
+        READY: _ClassVar[Status.Code]
+        END_OF_EPOCH: _ClassVar[Status.Code]
+    CODE_UNSPECIFIED: Status.Code
+    READY: Status.Code
+    END_OF_EPOCH: Status.Code
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    code: Status.Code
+    epoch: int
+    message: str
+    policy: str
+    batches: int
+    def __init__(self, code: _Optional[_Union[Status.Code, str]] = ..., epoch: _Optional[int] = ..., message: _Optional[str] = ..., policy: _Optional[str] = ..., batches: _Optional[int] = ...) -> None: ...
+
+class TrainResponse(_message.Message):
+    __slots__ = ("batch", "status")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    batch: Batch
+    status: Status
+    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ..., status: _Optional[_Union[Status, _Mapping]] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    def __init__(self, job: _Optional[str] = ...) -> None: ...
+
+class ShardInfo(_message.Message):
+    __slots__ = ("index", "uri", "state", "reason", "rows")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    URI_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    uri: str
+    state: str
+    reason: str
+    rows: int
+    def __init__(self, index: _Optional[int] = ..., uri: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
+
+class JobInfo(_message.Message):
+    __slots__ = ("job", "policy", "world_size", "batch_size", "epoch", "batches_served", "samples_served", "feedback_samples")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_SERVED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_SERVED_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    policy: str
+    world_size: int
+    batch_size: int
+    epoch: int
+    batches_served: int
+    samples_served: int
+    feedback_samples: int
+    def __init__(self, job: _Optional[str] = ..., policy: _Optional[str] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., epoch: _Optional[int] = ..., batches_served: _Optional[int] = ..., samples_served: _Optional[int] = ..., feedback_samples: _Optional[int] = ...) -> None: ...
+
+class Stats(_message.Message):
+    __slots__ = ("shards", "jobs", "trainers_connected")
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    TRAINERS_CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
+    trainers_connected: int
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., trainers_connected: _Optional[int] = ...) -> None: ...
+
+class AddShardsRequest(_message.Message):
+    __slots__ = ("uris",)
+    URIS_FIELD_NUMBER: _ClassVar[int]
+    uris: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, uris: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AddShardsResponse(_message.Message):
+    __slots__ = ("shards",)
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ...) -> None: ...
+
+class WeightsChunk(_message.Message):
+    __slots__ = ("job", "step", "data")
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    job: str
+    step: int
+    data: bytes
+    def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PushWeightsResponse(_message.Message):
+    __slots__ = ("bytes_received",)
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    bytes_received: int
+    def __init__(self, bytes_received: _Optional[int] = ...) -> None: ...

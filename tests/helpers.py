@@ -1,0 +1,42 @@
+"""Small helpers shared by integration tests."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from loader import RemoteLoader
+from loader.sources import read_shard
+
+
+def rows_in(paths) -> int:
+    return sum(read_shard(p).num_rows for p in paths)
+
+
+def epoch_ids(loader: RemoteLoader) -> list[np.ndarray]:
+    """One epoch from `loader`, as the id arrays of its batches."""
+    return [batch["_id"].numpy().copy() for batch in loader]
+
+
+def run_ranks(address: str, job: str, world_size: int, batch_size: int, **kwargs) -> list[list[np.ndarray]]:
+    """One epoch on every rank at once (threads, as DDP ranks run side by side)."""
+    results: list = [None] * world_size
+    errors: list = []
+
+    def rank_main(rank: int) -> None:
+        try:
+            with RemoteLoader(address, job=job, batch_size=batch_size, rank=rank, world_size=world_size, **kwargs) as loader:
+                results[rank] = epoch_ids(loader)
+        except Exception as exc:  # surfaced below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+        assert not t.is_alive(), "a rank did not finish its epoch within 120 s"
+    if errors:
+        raise errors[0]
+    return results
