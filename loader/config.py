@@ -78,8 +78,8 @@ def _normalise(key: str, value: Any) -> Any:
         return value
     if key == "hello_timeout_s":
         _check_type(key, value, (int, float))
-        if value <= 0:
-            raise ConfigError(key, f"must be positive, got {value}")
+        if not 0 < value < float("inf"):
+            raise ConfigError(key, f"must be a positive finite number, got {value}")
         return float(value)
     if key == "address":
         _check_type(key, value, str)

@@ -123,8 +123,8 @@ class Curator:
             self.schema = table.schema
         elif not table.schema.equals(self.schema):
             return f"schema differs from the pool's: got {_describe(table.schema)}, expected {_describe(self.schema)}"
-        self.pool.ensure_shard(index, table.num_rows)
         run = self.epochs[epoch]
+        self.pool.ensure_shard(index, table.num_rows)
         run.assembler.add(table)
         self._collect(run)
         return ""

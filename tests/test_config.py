@@ -1,0 +1,196 @@
+"""Unit tests for `loader.config`: every rejected setting must name the key the user wrote."""
+
+from __future__ import annotations
+
+import pytest
+
+from loader.config import ServiceConfig, from_mapping, load, parse_address
+from loader.errors import ConfigError
+
+SHARDS = {"shards": ["data/train-*.tar"]}
+
+
+def test_defaults() -> None:
+    config = load(None, SHARDS)
+    assert config == ServiceConfig(shards=("data/train-*.tar",))
+    assert config.address == "127.0.0.1:50051"
+    assert config.ray_address is None and config.num_cpus is None and config.state_dir is None
+    assert (config.readers, config.prefetch_shards) == (2, 2)
+    assert (config.shuffle_rows, config.ready_batches) == (4096, 16)
+    assert config.default_policy == "uniform"
+    assert config.max_message_bytes == 256 * 1024 * 1024
+    assert config.hello_timeout_s == 30.0
+    assert config.log_level == "INFO"
+
+
+def test_yaml_file(tmp_path) -> None:
+    path = tmp_path / "loader.yaml"
+    path.write_text(
+        "shards: [a.tar, 'b-{0..3}.tar']\n"
+        "address: 0.0.0.0:7000\n"
+        "readers: 4\n"
+        "shuffle_rows: 0\n"
+        "hello_timeout_s: 5\n"
+        "log_level: debug\n"
+        "state_dir: /var/lib/loader\n"
+    )
+    config = load(path)
+    assert config.shards == ("a.tar", "b-{0..3}.tar")
+    assert config.address == "0.0.0.0:7000"
+    assert config.readers == 4
+    assert config.shuffle_rows == 0
+    assert config.hello_timeout_s == 5.0 and isinstance(config.hello_timeout_s, float)
+    assert config.log_level == "DEBUG"
+    assert config.state_dir == "/var/lib/loader"
+    assert config.prefetch_shards == 2  # untouched keys keep their defaults
+
+
+def test_single_shard_pattern_as_a_string(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("shards: one.tar\n")
+    assert load(path).shards == ("one.tar",)
+
+
+def test_overrides_beat_the_file_and_none_means_unset(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("shards: [file.tar]\nreaders: 3\nready_batches: 8\n")
+    config = load(path, {"readers": 5, "ready_batches": None, "shards": None, "log_level": None})
+    assert config.readers == 5
+    assert config.ready_batches == 8
+    assert config.shards == ("file.tar",)
+    assert config.log_level == "INFO"
+    assert load(path, {"shards": ["cli.tar"]}).shards == ("cli.tar",)
+
+
+def test_empty_file_is_an_empty_mapping(tmp_path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load(path, SHARDS).readers == 2
+
+
+def test_port_zero_is_allowed() -> None:
+    assert load(None, {**SHARDS, "address": "127.0.0.1:0"}).address == "127.0.0.1:0"
+    assert parse_address("127.0.0.1:0") == ("127.0.0.1", 0)
+    assert parse_address("[::1]:65535") == ("[::1]", 65535)
+
+
+def error_key(overrides: dict) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        load(None, {**SHARDS, **overrides})
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("readers", "2"),
+        ("readers", True),
+        ("readers", 2.5),
+        ("readers", 0),
+        ("readers", -1),
+        ("prefetch_shards", 0),
+        ("ready_batches", 0),
+        ("max_message_bytes", 0),
+        ("shuffle_rows", -1),
+        ("shuffle_rows", False),
+        ("num_cpus", 0),
+        ("num_cpus", "4"),
+        ("num_cpus", True),
+        ("hello_timeout_s", 0),
+        ("hello_timeout_s", -1.5),
+        ("hello_timeout_s", float("nan")),
+        ("hello_timeout_s", float("inf")),
+        ("hello_timeout_s", "30"),
+        ("hello_timeout_s", True),
+        ("ray_address", 5),
+        ("state_dir", ["a"]),
+        ("address", "nohost"),
+        ("address", "h:99999"),
+        ("address", "h:x"),
+        ("address", ":50051"),
+        ("address", "h:"),
+        ("address", "h:-1"),
+        ("address", 50051),
+        ("log_level", "verbose"),
+        ("log_level", 10),
+        ("default_policy", "nope"),
+        ("default_policy", 3),
+        ("shards", [""]),
+        ("shards", ["a", 3]),
+        ("shards", {"a": 1}),
+    ],
+)
+def test_bad_values_name_their_key(key: str, value) -> None:
+    error = error_key({key: value})
+    assert error.key == key
+    assert str(error).startswith(f"{key}: ")
+
+
+def test_bool_is_not_taken_for_an_integer() -> None:
+    # YAML reads `readers: yes` as True, which Python would otherwise accept as 1.
+    assert "boolean" in error_key({"readers": True}).problem
+
+
+def test_unknown_key_is_named() -> None:
+    error = error_key({"reader": 2})
+    assert error.key == "reader"
+    assert "readers" in error.problem  # the known keys are listed, so the typo is easy to spot
+
+
+def test_unknown_policy_lists_the_known_ones() -> None:
+    assert "uniform" in error_key({"default_policy": "nope"}).problem
+
+
+def test_empty_shard_list_is_refused() -> None:
+    assert error_key({"shards": []}).key == "shards"
+
+
+def test_missing_shards_is_refused(tmp_path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(None)
+    assert info.value.key == "shards"
+    path = tmp_path / "c.yaml"
+    path.write_text("readers: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.key == "shards"
+
+
+def test_missing_file(tmp_path) -> None:
+    path = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError) as info:
+        load(path, SHARDS)
+    assert info.value.key == "--config"
+    assert str(path) in info.value.problem
+
+
+def test_invalid_yaml(tmp_path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("shards: [a.tar\nreaders: 2\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.key == "--config"
+    assert "YAML" in info.value.problem
+
+
+def test_yaml_list_is_not_a_mapping(tmp_path) -> None:
+    path = tmp_path / "list.yaml"
+    path.write_text("- shards\n- readers\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.key == "--config"
+    assert "mapping" in info.value.problem
+
+
+def test_errors_in_the_file_name_the_key(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("shards: [a.tar]\nready_batches: -3\n")
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.key == "ready_batches"
+
+
+def test_from_mapping_rejects_a_non_mapping() -> None:
+    with pytest.raises(ConfigError) as info:
+        from_mapping(["shards"], source="env")  # type: ignore[arg-type]
+    assert info.value.key == "env"

@@ -1,0 +1,255 @@
+"""Unit tests for the pure `Curator`: the ledger, per-rank sequence numbers, acks and feedback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from loader import codec
+from loader.curator import (
+    Curator,
+    CuratorSettings,
+    EndOfEpoch,
+    Failed,
+    JobSpec,
+    Materialize,
+    Pending,
+    Ready,
+)
+from loader.ids import make_ids, row_of, shard_of
+from loader.registry import ShardRecord
+
+SPEC = JobSpec(job="j", batch_size=4, world_size=2, policy="uniform", seed=1)
+# No shuffle reserve beyond world_size * batch_size = 8 rows: a batch leaves once 12 rows wait.
+SETTINGS = CuratorSettings(shuffle_rows=0, ready_batches=2)
+
+
+def shard(index: int, rows: int) -> pa.Table:
+    """A shard as `read_with_ids` returns it: the source's columns, then `_id`."""
+    ids = make_ids(index, rows)
+    x = (shard_of(ids) * 1000 + row_of(ids)).astype(np.float64)
+    return pa.table({"x": x}).append_column(codec.ID, pa.array(ids))
+
+
+def records(n: int) -> list[ShardRecord]:
+    return [ShardRecord(index=i, uri=f"mem://shard-{i}", rows=10) for i in range(n)]
+
+
+def curator_with(rows_per_shard: list[int], finish: bool = False, epoch: int = 0) -> Curator:
+    curator = Curator(SPEC, SETTINGS)
+    curator.start_epoch(epoch, records(len(rows_per_shard)))
+    for i, rows in enumerate(rows_per_shard):
+        assert curator.add_shard(epoch, i, shard(i, rows)) == ""
+    if finish:
+        curator.finish_reading(epoch)
+    return curator
+
+
+def decoded(result: Ready) -> pa.Table:
+    assert isinstance(result, Ready), result
+    table = codec.decode(result.payload)
+    assert table.num_rows == result.rows
+    return table
+
+
+def test_pending_until_enough_rows() -> None:
+    curator = curator_with([10])
+    assert curator.lookup(0, 0, 0) == Pending()
+    assert curator.lookup(1, 0, 0) == Pending()
+
+
+def test_ready_batches_follow_global_order() -> None:
+    # 20 rows: three full batches leave (20 -> 8 held back), g = 0, 1, 2.
+    curator = curator_with([10, 10])
+    run = curator.epochs[0]
+    assert len(run.ids) == 3
+    for rank, seq in [(0, 0), (1, 0), (0, 1)]:
+        result = curator.lookup(rank, 0, seq)
+        table = decoded(result)
+        assert result.seq == seq and result.rows == 4
+        assert table.column_names == ["x", codec.ID, codec.WEIGHT]
+        ids = table.column(codec.ID).to_numpy()
+        np.testing.assert_array_equal(ids, run.ids[seq * SPEC.world_size + rank])
+        np.testing.assert_array_equal(table.column("x").to_numpy(), shard_of(ids) * 1000 + row_of(ids))
+        weights = table.column(codec.WEIGHT).to_numpy()
+        assert weights.dtype == np.float32
+        np.testing.assert_array_equal(weights, np.ones(4, np.float32))
+    # g = 3 is not assembled yet.
+    assert curator.lookup(1, 0, 1) == Pending()
+
+
+def test_end_of_epoch_gives_every_rank_the_same_count() -> None:
+    curator = curator_with([10, 10], finish=True)
+    per_rank: dict[int, list[Ready]] = {0: [], 1: []}
+    for rank in (0, 1):
+        seq = 0
+        while isinstance(result := curator.lookup(rank, 0, seq), Ready):
+            per_rank[rank].append(result)
+            seq += 1
+        assert result == EndOfEpoch(batches=3)
+    assert len(per_rank[0]) == len(per_rank[1]) == 3
+    # 20 rows: three full batches, then 8 rows over three tail batches (3, 3, 2): g = 3, 4, 5.
+    assert [r.rows for r in per_rank[0]] == [4, 4, 3]
+    assert [r.rows for r in per_rank[1]] == [4, 3, 2]
+    all_ids = np.concatenate([decoded(r).column(codec.ID).to_numpy() for rs in per_rank.values() for r in rs])
+    np.testing.assert_array_equal(np.sort(all_ids), np.concatenate([make_ids(0, 10), make_ids(1, 10)]))
+    # Asking past the end again keeps answering EndOfEpoch, not Pending.
+    assert curator.lookup(0, 0, 7) == EndOfEpoch(batches=3)
+
+
+def test_ack_drops_payload_and_a_later_lookup_materializes_the_same_batch() -> None:
+    curator = curator_with([10, 10], finish=True)
+    first = curator.lookup(0, 0, 0)
+    first_table = decoded(first)
+    curator.ack(0, 0, 0)
+    again = curator.lookup(0, 0, 0)
+    assert isinstance(again, Materialize)
+    assert again.seq == 0
+    np.testing.assert_array_equal(again.ids, first_table.column(codec.ID).to_numpy())
+    np.testing.assert_array_equal(again.weights, first_table.column(codec.WEIGHT).to_numpy())
+    # Rank 0's ack leaves rank 1's batch, and rank 0's later ones, in place.
+    assert isinstance(curator.lookup(1, 0, 0), Ready)
+    assert isinstance(curator.lookup(0, 0, 1), Ready)
+
+
+def test_ack_covers_every_earlier_sequence_of_that_rank() -> None:
+    curator = curator_with([10, 10], finish=True)
+    curator.ack(1, 0, 1)
+    assert isinstance(curator.lookup(1, 0, 0), Materialize)
+    assert isinstance(curator.lookup(1, 0, 1), Materialize)
+    assert isinstance(curator.lookup(1, 0, 2), Ready)
+    # An older ack arriving late must not move the mark backwards.
+    curator.ack(1, 0, 0)
+    assert curator.epochs[0].acked[1] == 1
+
+
+def test_rebuilt_payload_matches_the_original() -> None:
+    curator = curator_with([10, 10], finish=True)
+    original = decoded(curator.lookup(1, 0, 1))
+    curator.ack(1, 0, 1)
+    wanted = curator.lookup(1, 0, 1)
+    assert isinstance(wanted, Materialize)
+    source = pa.concat_tables([shard(0, 10), shard(1, 10)])
+    position = {int(i): p for p, i in enumerate(source.column(codec.ID).to_numpy())}
+    rows = source.take(pa.array([position[int(i)] for i in wanted.ids]))
+    rebuilt = codec.decode(curator.rebuild([rows], wanted.weights))
+    assert rebuilt.equals(original)
+
+
+def test_schema_mismatch_is_refused_and_adds_nothing() -> None:
+    curator = curator_with([10])
+    run = curator.epochs[0]
+    rows_before, buffered_before = run.assembler.rows_in, run.assembler.buffered_rows()
+    ids = make_ids(5, 10)
+    bad = pa.table({"x": pa.array(np.arange(10, dtype=np.int64)), codec.ID: pa.array(ids)})
+    reason = curator.add_shard(0, 5, bad)
+    assert "schema" in reason
+    assert "x: int64" in reason and "x: double" in reason
+    assert run.assembler.rows_in == rows_before
+    assert run.assembler.buffered_rows() == buffered_before
+    # The refused shard's samples never entered the pool either.
+    assert curator.feedback(ids[:1], np.ones(1, np.float32)) != ""
+
+
+def test_feedback_is_validated_before_anything_changes() -> None:
+    curator = curator_with([10, 10])
+    known = make_ids(0, 3)
+    unknown_shard = make_ids(7, 1)
+    past_end = np.array([make_ids(1, 11)[10]])
+    bad_calls = [
+        (np.concatenate([known, unknown_shard]), np.ones(4, np.float32), str(int(unknown_shard[0]))),
+        (np.concatenate([known, past_end]), np.ones(4, np.float32), str(int(past_end[0]))),
+        (known, np.array([1.0, np.nan, 2.0], np.float32), "finite"),
+        (known, np.array([1.0, np.inf, 2.0], np.float32), "finite"),
+        (known, np.ones(2, np.float32), "equal length"),
+    ]
+    for ids, losses, needle in bad_calls:
+        message = curator.feedback(ids, losses)
+        assert needle in message, message
+        assert curator.stats()["feedback_samples"] == 0
+        assert np.isnan(curator.pool.learner_loss(known)).all()
+
+    assert curator.feedback(known, np.array([0.5, 1.5, 2.5], np.float32)) == ""
+    assert curator.stats()["feedback_samples"] == 3
+    np.testing.assert_array_equal(curator.pool.learner_loss(known), [0.5, 1.5, 2.5])
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("batch_size", 8), ("world_size", 4), ("policy", "loss"), ("seed", 2)],
+)
+def test_job_spec_conflict_names_the_field(field, value) -> None:
+    other = JobSpec(**{**SPEC.__dict__, field: value})
+    message = SPEC.conflict(other)
+    assert f"{field}={getattr(SPEC, field)!r}" in message
+    assert f"{field}={value!r}" in message
+    assert "'j'" in message
+
+
+def test_job_spec_without_conflict() -> None:
+    assert SPEC.conflict(JobSpec("j", 4, 2, "uniform", 1)) == ""
+    # The job name is the key that brought them together, not a setting to agree on.
+    assert SPEC.conflict(JobSpec("other", 4, 2, "uniform", 1)) == ""
+
+
+def test_wants_more_pauses_when_ready_batches_run_ahead() -> None:
+    curator = Curator(SPEC, SETTINGS)
+    curator.start_epoch(0, records(3))
+    assert curator.wants_more(0)
+    for i in range(3):
+        curator.add_shard(0, i, shard(i, 10))
+    # 30 rows: five batches ready, more than ready_batches * world_size = 4 with nobody asking.
+    assert len(curator.epochs[0].ids) == 5
+    assert not curator.wants_more(0)
+    # Requests up to g = 2 bring the read-ahead window back past what is assembled.
+    curator.lookup(0, 0, 1)
+    assert curator.wants_more(0)
+
+
+def test_start_epoch_permutes_shards_per_seed_and_epoch() -> None:
+    shards = records(10)
+
+    def order(seed: int, epoch: int) -> list[int]:
+        curator = Curator(JobSpec("j", 4, 2, "uniform", seed), SETTINGS)
+        return [r.index for r in curator.start_epoch(epoch, shards)]
+
+    first = order(1, 0)
+    assert sorted(first) == list(range(10))
+    assert first == order(1, 0)
+    assert first != list(range(10))
+    assert first != order(1, 1)
+    assert first != order(2, 0)
+
+
+def test_epoch_cannot_start_twice() -> None:
+    curator = curator_with([10])
+    with pytest.raises(RuntimeError):
+        curator.start_epoch(0, records(1))
+
+
+def test_old_epochs_are_forgotten() -> None:
+    curator = Curator(SPEC, SETTINGS)  # keep_epochs = 2
+    for epoch in range(3):
+        curator.start_epoch(epoch, records(1))
+    result = curator.lookup(0, 0, 0)
+    assert isinstance(result, Failed)
+    assert "epoch 0" in result.message
+    assert curator.lookup(0, 1, 0) == Pending()
+    assert curator.lookup(0, 2, 0) == Pending()
+    curator.ack(0, 0, 0)  # an ack for a forgotten epoch is harmless
+    assert curator.stats()["epoch"] == 2
+
+
+def test_failed_epoch_fails_lookups() -> None:
+    curator = curator_with([10, 10])
+    curator.fail_epoch(0, "all shards quarantined")
+    assert curator.lookup(0, 0, 0) == Failed("all shards quarantined")
+
+
+def test_served_counts_batches_and_samples() -> None:
+    curator = Curator(SPEC, SETTINGS)
+    curator.served(4)
+    curator.served(3)
+    stats = curator.stats()
+    assert (stats["batches_served"], stats["samples_served"]) == (2, 7)
