@@ -103,7 +103,7 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="make MNIST-1D shards, serve them, train through RemoteLoader")
     d.add_argument("--data", default="data/mnist1d")
-    d.add_argument("--epochs", type=int, default=20)
+    d.add_argument("--epochs", type=int, default=40)
     d.add_argument("--batch-size", type=int, default=128)
     d.set_defaults(func=_demo)
     return p

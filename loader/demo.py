@@ -70,7 +70,7 @@ class ServiceProcess:
         self._log.close()
 
 
-def run(data_dir: str = "data/mnist1d", epochs: int = 20, batch_size: int = 128) -> int:
+def run(data_dir: str = "data/mnist1d", epochs: int = 40, batch_size: int = 128) -> int:
     started = time.monotonic()
     if not glob.glob(os.path.join(data_dir, "train-*.tar")):
         subprocess.run([sys.executable, "-m", "loader", "make-shards", "mnist1d", "--out", data_dir], check=True)
