@@ -14,6 +14,7 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
+from actors.scorer import learner_scorer
 from loader.curator import Curator, CuratorSettings, Failed, JobSpec, Lookup, Materialize, Pending, Ready
 from loader.ids import shard_of
 from loader.reader import ReadResult, gather
@@ -25,9 +26,12 @@ READ_ATTEMPTS = 3
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class CuratorActor:
-    def __init__(self, spec: JobSpec, settings: CuratorSettings, registry, readers: list, prefetch: int) -> None:
+    def __init__(
+        self, spec: JobSpec, settings: CuratorSettings, registry, readers: list, scorers: list, prefetch: int
+    ) -> None:
         self._core = Curator(spec, settings)
-        self._registry, self._readers, self._prefetch = registry, readers, prefetch
+        self._registry, self._readers, self._scorers, self._prefetch = registry, readers, scorers, prefetch
+        self._learner_scorer = learner_scorer(scorers, spec.job) if scorers else None
         self._turn = 0
         self._feeders: dict[int, asyncio.Task] = {}
         self._changed: asyncio.Condition | None = None
@@ -76,14 +80,21 @@ class CuratorActor:
         self._turn += 1
         return self._readers[self._turn % len(self._readers)]
 
-    async def _read(self, uri: str, index: int) -> ReadResult:
+    async def _read(self, uri: str, index: int) -> tuple[ReadResult, tuple | None]:
+        """Reads a shard and, when the policy needs them and the pool lacks them, its reference
+        scores. The table goes from reader to scorer as an object ref, never through here."""
         # A reader that dies mid-read is restarted by Ray; the shard goes to the next reader.
         for _ in range(READ_ATTEMPTS):
+            ref = self._reader().read.remote(uri, index)
             try:
-                return await self._reader().read.remote(uri, index)
+                result = await ref
+                scores = None
+                if not result.error and self._core.policy.needs_reference and not self._core.pool.has_scores(index):
+                    scores = await self._scorers[index % len(self._scorers)].score.remote(ref)
+                return result, scores
             except RayActorError as exc:
-                log.warning("reader died while reading %s (%s); retrying", uri, exc)
-        return ReadResult(index, uri, error=f"reader actors died {READ_ATTEMPTS} times reading it")
+                log.warning("an actor died while reading or scoring %s (%s); retrying", uri, exc)
+        return ReadResult(index, uri, error=f"actors died {READ_ATTEMPTS} times reading it"), None
 
     async def _feed(self, epoch: int) -> None:
         try:
@@ -101,17 +112,27 @@ class CuratorActor:
                     continue
                 done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    self._accept(epoch, task.result())
+                    self._accept(epoch, *task.result())
+                await self._select(epoch)
                 await self._notify()
             self._core.finish_reading(epoch)
+            await self._select(epoch)
         except Exception as exc:  # a waiting trainer must hear about it rather than hang
             log.exception("epoch %d of job %s failed", epoch, self._core.spec.job)
             if epoch in self._core.epochs:
                 self._core.fail_epoch(epoch, f"epoch {epoch} failed: {exc!r}")
         await self._notify()
 
-    def _accept(self, epoch: int, result: ReadResult) -> None:
-        reason = result.error or self._core.add_shard(epoch, result.index, result.table)
+    async def _select(self, epoch: int) -> None:
+        """Snapshot mode: fresh learner losses for each super-batch before the policy chooses."""
+        if not self._core.needs_snapshot:
+            return
+        for candidates in self._core.take_candidates(epoch):
+            losses = await self._learner_scorer.learner_loss.remote(self._core.spec.job, candidates)
+            self._core.select(epoch, candidates, losses)
+
+    def _accept(self, epoch: int, result: ReadResult, scores: tuple | None) -> None:
+        reason = result.error or self._core.add_shard(epoch, result.index, result.table, scores)
         if reason:
             self._registry.quarantine.remote(result.index, reason)
         else:
@@ -122,7 +143,7 @@ class CuratorActor:
         uris = {r.index: r.uri for r in await self._registry.records.remote()}
         results = await asyncio.gather(*(self._read(uris[s], s) for s in shards))
         try:
-            table = gather(wanted.ids, {r.index: r for r in results})
+            table = gather(wanted.ids, {r.index: r for r, _ in results})
         except Exception as exc:
             return Failed(f"cannot re-serve batch {wanted.seq}: {exc}")
         return Ready(wanted.seq, len(wanted.ids), self._core.rebuild([table], wanted.weights))

@@ -7,6 +7,7 @@ The gateway talks to this object only; every method that reaches an actor return
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import numpy as np
 import ray
@@ -15,27 +16,33 @@ from actors.curator import CuratorActor
 from actors.reader import ShardReaderActor
 from actors.registry import RegistryActor
 from actors.runtime import ensure_ray
+from actors.scorer import ScorerActor, learner_scorer
 from loader.config import ServiceConfig
 from loader.curator import CuratorSettings, JobSpec
-from loader.errors import ConfigError
+from loader.errors import ConfigError, JobConflict
 from loader.registry import ShardRecord
+from loader.scoring import ModelSpec, build_model
+from loader.selection.policies import make_policy
 from loader.sources import expand
 
 log = logging.getLogger("loader.pipeline")
 
 
-class JobConflict(ValueError):
-    pass
-
-
 class Pipeline:
     def __init__(self, config: ServiceConfig) -> None:
+        if config.reference is not None:
+            build_model(config.reference)  # fail at start-up, naming the key, not in a scorer later
         ensure_ray(config.ray_address, config.num_cpus)
         self.config = config
         self._settings = CuratorSettings(shuffle_rows=config.shuffle_rows, ready_batches=config.ready_batches)
         self._registry = RegistryActor.remote()
         self._readers = [ShardReaderActor.remote() for _ in range(config.readers)]
+        # Scorers start with the first job that needs them: a uniform-only service never pays for
+        # a model (and its worker process).
+        self._scorers: list = []
         self._jobs: dict[str, tuple[JobSpec, object]] = {}
+        # Job -> (snapshots received, newest step).
+        self._pushes: dict[str, tuple[int, int]] = {}
         uris = expand(list(config.shards))
         if not uris:
             raise ConfigError("shards", f"{list(config.shards)} matched no files")
@@ -57,7 +64,14 @@ class Pipeline:
             if reason:
                 raise JobConflict(reason)
             return known[1]
-        curator = CuratorActor.remote(spec, self._settings, self._registry, self._readers, self.config.prefetch_shards)
+        policy = make_policy(spec.policy, spec.options)
+        if policy.needs_reference and self.config.reference is None:
+            raise JobConflict(f"policy {spec.policy!r} needs a reference model; set `reference` in the service config")
+        if policy.needs_reference or policy.needs_learner:
+            self._start_scorers()
+        curator = CuratorActor.remote(
+            spec, self._settings, self._registry, self._readers, self._scorers, self.config.prefetch_shards
+        )
         self._jobs[spec.job] = (spec, curator)
         return curator
 
@@ -73,14 +87,43 @@ class Pipeline:
     def feedback(curator, ids: np.ndarray, losses: np.ndarray):
         return curator.feedback.remote(ids, losses)
 
+    def _start_scorers(self) -> None:
+        if self._scorers:
+            return
+        config = self.config
+        gpus = config.scorer_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        self._scorers = [
+            ScorerActor.options(num_gpus=gpus).remote(config.reference, config.input_column, config.label_column)
+            for _ in range(config.scorers)
+        ]
+
+    async def push_weights(self, job: str, weights: bytes, step: int) -> int:
+        """Hands a trainer's snapshot to the scorer that computes the job's learner losses."""
+        known = self._jobs.get(job)
+        if known is None:
+            raise JobConflict(f"unknown job {job!r}: open its Train stream first")
+        spec = known[0]
+        if spec.options.learner_loss != "snapshot":
+            raise JobConflict(f"job {job!r} takes learner losses from {spec.options.learner_loss}, not snapshots")
+        learner = ModelSpec.from_mapping(
+            {"factory": spec.options.learner, "kwargs": json.loads(spec.options.learner_kwargs)}, key="options.learner"
+        )
+        scorer = learner_scorer(self._scorers, job)
+        await scorer.set_learner.remote(job, learner, weights, step)
+        count, _ = self._pushes.get(job, (0, 0))
+        self._pushes[job] = (count + 1, step)
+        return step
+
     async def stats(self, job: str = "") -> dict:
-        curators = [c for name, (_, c) in self._jobs.items() if not job or name == job]
-        jobs = await asyncio.gather(*(c.stats.remote() for c in curators))
+        names = [name for name in self._jobs if not job or name == job]
+        jobs = await asyncio.gather(*(self._jobs[name][1].stats.remote() for name in names))
+        for name, info in zip(names, jobs):
+            info["weight_pushes"], info["weights_step"] = self._pushes.get(name, (0, 0))
         return {"shards": await self._registry.records.remote(), "jobs": list(jobs)}
 
     def shutdown(self) -> None:
         for _, curator in self._jobs.values():
             ray.kill(curator)
-        for actor in [*self._readers, self._registry]:
+        for actor in [*self._readers, *self._scorers, self._registry]:
             ray.kill(actor)
         self._jobs.clear()

@@ -54,6 +54,25 @@ def _make_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_reference(args: argparse.Namespace) -> int:
+    from loader import config as config_mod
+    from loader.reference import train_reference
+    from loader.sources import expand
+
+    config = config_mod.load(args.config, require_shards=False)
+    if config.reference is None:
+        raise ConfigError("reference", f"{args.config} has no `reference` section (factory, kwargs) to train")
+    holdout = expand(args.holdout)
+    if not holdout:
+        raise ConfigError("--holdout", f"{args.holdout} matched no files")
+    metrics = train_reference(config.reference, holdout, args.out, input_col=config.input_column,
+                              label_col=config.label_column, epochs=args.epochs, lr=args.lr,
+                              batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+    print(f"wrote {args.out}: {metrics['samples']} holdout samples, loss {metrics['final_loss']:.4f}, "
+          f"accuracy {metrics['holdout_accuracy']:.4f}, {metrics['seconds']:.1f} s")  # fmt: skip
+    return 0
+
+
 def _stats(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf import json_format
@@ -95,6 +114,16 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--samples", type=int, default=5000)
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=_make_shards)
+
+    r = sub.add_parser("train-reference", help="train the reference model on clean holdout shards")
+    r.add_argument("--config", required=True, help="service YAML whose `reference` names the model")
+    r.add_argument("--holdout", action="append", required=True, help="holdout shard path or pattern (repeatable)")
+    r.add_argument("--out", required=True, help="where to write the state_dict (set it as reference.weights)")
+    r.add_argument("--epochs", type=int, default=30)
+    r.add_argument("--lr", type=float, default=1e-3)
+    r.add_argument("--batch-size", type=int, default=128)
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=_train_reference)
 
     t = sub.add_parser("stats", help="print the service's shard and job statistics as JSON")
     t.add_argument("--address", required=True)

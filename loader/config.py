@@ -35,10 +35,36 @@ class ServiceConfig:
     # Directory for persisted state (registry, caches); None keeps everything in memory.
     state_dir: str | None = None
     log_level: str = "INFO"
+    # The reference model of curated policies: {factory: "module:function", kwargs: {...},
+    # weights: path}. None: only policies that need no reference (uniform, loss) can run.
+    reference: Any = None
+    # Which columns hold a sample's model input and its class label.
+    columns: tuple[tuple[str, str], ...] = (("input", "x"), ("label", "y"))
+    # Scorer actors (reference losses, embeddings, snapshot learner losses), and the fraction of
+    # a GPU each takes when Ray has GPUs.
+    scorers: int = 1
+    scorer_gpus: float = 0.25
+    # Defaults for curated policies: keep_ratio, selector, beta, learner_loss, ...; a trainer's
+    # Hello options override them per job.
+    selection: Any = dataclasses.field(default_factory=lambda: _default_selection())
+
+    @property
+    def input_column(self) -> str:
+        return dict(self.columns)["input"]
+
+    @property
+    def label_column(self) -> str:
+        return dict(self.columns)["label"]
+
+
+def _default_selection():
+    from loader.selection.options import SelectionOptions
+
+    return SelectionOptions()
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServiceConfig)}
-_POSITIVE_INTS = ("readers", "prefetch_shards", "ready_batches", "max_message_bytes")
+_POSITIVE_INTS = ("readers", "prefetch_shards", "ready_batches", "max_message_bytes", "scorers")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -90,6 +116,32 @@ def _normalise(key: str, value: Any) -> Any:
         if value.upper() not in _LOG_LEVELS:
             raise ConfigError(key, f"expected one of {', '.join(_LOG_LEVELS)}, got {value!r}")
         return value.upper()
+    if key == "reference":
+        if value is None:
+            return None
+        from loader.scoring import ModelSpec
+
+        return ModelSpec.from_mapping(value, key="reference")
+    if key == "selection":
+        from loader.selection.options import SelectionOptions, parse_options
+
+        return SelectionOptions() if value is None else parse_options(value, key="selection")
+    if key == "columns":
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping with `input` and `label`, got {type(value).__name__}")
+        unknown = sorted(set(value) - {"input", "label"})
+        if unknown:
+            raise ConfigError(f"columns.{unknown[0]}", "unknown key; known keys: input, label")
+        merged = {"input": "x", "label": "y", **value}
+        for name, column in merged.items():
+            if not isinstance(column, str) or not column:
+                raise ConfigError(f"columns.{name}", f"expected a column name, got {column!r}")
+        return (("input", merged["input"]), ("label", merged["label"]))
+    if key == "scorer_gpus":
+        _check_type(key, value, (int, float))
+        if not 0 <= value <= 1:
+            raise ConfigError(key, f"must be between 0 and 1, got {value}")
+        return float(value)
     if key == "default_policy":
         _check_type(key, value, str)
         from loader.selection.policies import POLICIES
@@ -116,7 +168,9 @@ def from_mapping(values: dict[str, Any], source: str = "config") -> ServiceConfi
     return ServiceConfig(**{k: _normalise(k, v) for k, v in values.items()})
 
 
-def load(path: str | pathlib.Path | None, overrides: dict[str, Any] | None = None) -> ServiceConfig:
+def load(
+    path: str | pathlib.Path | None, overrides: dict[str, Any] | None = None, require_shards: bool = True
+) -> ServiceConfig:
     """Reads a YAML file (optional), applies overrides whose value is not None, validates."""
     values: dict[str, Any] = {}
     if path is not None:
@@ -133,6 +187,6 @@ def load(path: str | pathlib.Path | None, overrides: dict[str, Any] | None = Non
             values.update(loaded)
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     config = from_mapping(values)
-    if not config.shards:
+    if require_shards and not config.shards:
         raise ConfigError("shards", "no shards given (set `shards` in the config or pass --shards)")
     return config

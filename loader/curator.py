@@ -1,4 +1,7 @@
-"""The curator of one job: epochs, the batch ledger, per-rank cursors and feedback. No Ray here.
+"""The curator of one job: epochs, selection, the batch ledger, per-rank cursors and feedback.
+
+No Ray here. Each epoch's shards flow into an EpochAssembler that cuts super-batches of
+B / keep_ratio candidates; the job's policy keeps B of each (all of them under `uniform`).
 
 Global batch g of an epoch goes to rank g % world_size as that rank's sequence number
 g // world_size. The ledger keeps every served batch's ids and weights for the epoch, so a trainer
@@ -17,7 +20,9 @@ from loader import codec
 from loader.epoch import EpochAssembler
 from loader.pool import PoolIndex, UnknownSamples
 from loader.registry import ShardRecord
+from loader.selection.options import SelectionOptions, keep_count
 from loader.selection.policies import make_policy
+from loader.selection.scores import fill_missing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +32,13 @@ class JobSpec:
     world_size: int
     policy: str
     seed: int
+    options: SelectionOptions = SelectionOptions()
+    # Planned epochs (0: unknown); lets a policy anneal near the end of training.
+    total_epochs: int = 0
 
     def conflict(self, other: "JobSpec") -> str:
         """Why `other` cannot join this job, or '' if it can."""
-        for field in ("batch_size", "world_size", "policy", "seed"):
+        for field in ("batch_size", "world_size", "policy", "seed", "options", "total_epochs"):
             mine, theirs = getattr(self, field), getattr(other, field)
             if mine != theirs:
                 return f"job {self.job!r} runs with {field}={mine!r}, got {field}={theirs!r}"
@@ -81,6 +89,7 @@ Lookup = Ready | Pending | EndOfEpoch | Materialize | Failed
 @dataclasses.dataclass
 class EpochRun:
     assembler: EpochAssembler
+    rng: np.random.Generator
     ids: list[np.ndarray] = dataclasses.field(default_factory=list)
     weights: list[np.ndarray] = dataclasses.field(default_factory=list)
     payloads: dict[int, bytes] = dataclasses.field(default_factory=dict)
@@ -90,17 +99,23 @@ class EpochRun:
     # Per rank: the highest acknowledged sequence number (payloads up to it are dropped).
     acked: dict[int, int] = dataclasses.field(default_factory=dict)
     error: str = ""
+    # Super-batches taken for selection but not selected yet (snapshot mode awaits a scorer).
+    selecting: int = 0
 
 
 class Curator:
     def __init__(self, spec: JobSpec, settings: CuratorSettings = CuratorSettings()) -> None:
         self.spec, self.settings = spec, settings
-        self.policy = make_policy(spec.policy)
+        self.policy = make_policy(spec.policy, spec.options)
+        self.super_batch = self.policy.super_batch(spec.batch_size)
+        # Snapshot mode gets learner losses from a scorer, asynchronously, per super-batch.
+        self.needs_snapshot = self.policy.needs_learner and spec.options.learner_loss == "snapshot"
         self.pool = PoolIndex()
         self.schema: pa.Schema | None = None
         self.epochs: dict[int, EpochRun] = {}
         self.batches_served = 0
         self.samples_served = 0
+        self.samples_considered = 0
 
     # -- reading side ---------------------------------------------------------------------------
 
@@ -111,28 +126,36 @@ class Curator:
         seed = np.random.SeedSequence([self.spec.seed, epoch])
         rng = np.random.default_rng(seed)
         assembler = EpochAssembler(
-            self.spec.batch_size, self.spec.world_size, self.settings.shuffle_rows, int(rng.integers(2**63))
+            self.super_batch, self.spec.world_size, self.settings.shuffle_rows, int(rng.integers(2**63))
         )
-        self.epochs[epoch] = EpochRun(assembler)
+        self.epochs[epoch] = EpochRun(assembler, np.random.default_rng(rng.integers(2**63)))
         self._forget_old_epochs(epoch)
         return [shards[i] for i in rng.permutation(len(shards))]
 
-    def add_shard(self, epoch: int, index: int, table: pa.Table) -> str:
-        """Adds one shard's rows; returns why the shard must be quarantined, or ''."""
+    def add_shard(
+        self, epoch: int, index: int, table: pa.Table, scores: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> str:
+        """Adds one shard's rows (and its reference scores); returns why the shard must be
+        quarantined, or ''."""
         if self.schema is None:
             self.schema = table.schema
         elif not table.schema.equals(self.schema):
             return f"schema differs from the pool's: got {_describe(table.schema)}, expected {_describe(self.schema)}"
+        if self.policy.needs_reference and scores is None and not self.pool.has_scores(index):
+            return "no reference scores for this shard"
         run = self.epochs[epoch]
         self.pool.ensure_shard(index, table.num_rows)
+        if scores is not None:
+            self.pool.set_scores(index, *scores)
         run.assembler.add(table)
-        self._collect(run)
+        if not self.needs_snapshot:
+            self.collect(epoch)
         return ""
 
     def finish_reading(self, epoch: int) -> None:
-        run = self.epochs[epoch]
-        run.assembler.finish()
-        self._collect(run)
+        self.epochs[epoch].assembler.finish()
+        if not self.needs_snapshot:
+            self.collect(epoch)
 
     def fail_epoch(self, epoch: int, message: str) -> None:
         self.epochs[epoch].error = message
@@ -141,13 +164,37 @@ class Curator:
         run = self.epochs[epoch]
         return len(run.ids) <= run.wanted + self.settings.ready_batches * self.spec.world_size
 
-    def _collect(self, run: EpochRun) -> None:
-        for table in run.assembler.pop_ready():
-            ids = table.column(codec.ID).to_numpy()
-            weights = self.policy.weights(ids)
-            run.payloads[len(run.ids)] = codec.encode(table.append_column(codec.WEIGHT, pa.array(weights)))
-            run.ids.append(ids)
-            run.weights.append(weights)
+    def take_candidates(self, epoch: int) -> list[pa.Table]:
+        """Super-batches ready for selection, in order; each must go through `select`."""
+        run = self.epochs[epoch]
+        candidates = run.assembler.pop_ready()
+        run.selecting += len(candidates)
+        return candidates
+
+    def collect(self, epoch: int) -> None:
+        for candidates in self.take_candidates(epoch):
+            self.select(epoch, candidates)
+
+    def select(self, epoch: int, candidates: pa.Table, learner_loss: np.ndarray | None = None) -> None:
+        """Keeps the policy's choice of `candidates` as the epoch's next batch; the rest of the
+        super-batch is not served this epoch."""
+        run = self.epochs[epoch]
+        run.selecting -= 1
+        ids = candidates.column(codec.ID).to_numpy()
+        ref_loss = self.pool.reference_loss(ids) if self.policy.needs_reference else None
+        if self.policy.needs_learner and learner_loss is None:
+            learner_loss = fill_missing(self.pool.learner_loss(ids), self.pool.mean_learner_loss())
+        progress = epoch / self.spec.total_epochs if self.spec.total_epochs else None
+        k = keep_count(len(ids), self.super_batch, self.spec.batch_size)
+        picks, weights = self.policy.select(
+            k, ref_loss=ref_loss, learner_loss=learner_loss, n=len(ids), rng=run.rng, progress=progress
+        )
+        table = candidates.take(pa.array(picks))
+        kept = ids[picks]
+        run.payloads[len(run.ids)] = codec.encode(table.append_column(codec.WEIGHT, pa.array(weights)))
+        run.ids.append(kept)
+        run.weights.append(weights)
+        self.samples_considered += len(ids)
 
     # -- serving side ---------------------------------------------------------------------------
 
@@ -164,7 +211,7 @@ class Curator:
             if payload is None:
                 return Materialize(seq, run.ids[g], run.weights[g])
             return Ready(seq, len(run.ids[g]), payload)
-        if run.assembler.exhausted:
+        if run.assembler.exhausted and run.selecting == 0:
             run.ended_ranks.add(rank)
             return EndOfEpoch(len(run.ids) // self.spec.world_size)
         return Pending()
@@ -208,6 +255,8 @@ class Curator:
             "batches_served": self.batches_served,
             "samples_served": self.samples_served,
             "feedback_samples": self.pool.feedback_samples,
+            "samples_considered": self.samples_considered,
+            "options": {k: str(v) for k, v in dataclasses.asdict(self.spec.options).items()},
         }
 
 

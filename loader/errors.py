@@ -29,3 +29,7 @@ class ConfigError(LoaderError):
 
     def __str__(self) -> str:
         return f"{self.key}: {self.problem}"
+
+
+class JobConflict(LoaderError, ValueError):
+    """A trainer's request does not fit the job as it runs (or the service cannot run it)."""

@@ -19,7 +19,15 @@ class PoolIndex:
         # shard index -> learner loss per row (NaN: never reported)
         self._learner_loss: dict[int, np.ndarray] = {}
         self._reported: dict[int, np.ndarray] = {}
+        # shard index -> reference loss per row and embedding rows (float16 halves their memory;
+        # cosine similarities and rankings do not need more precision)
+        self._ref_loss: dict[int, np.ndarray] = {}
+        self._embedding: dict[int, np.ndarray] = {}
         self.feedback_samples = 0
+        # Running sums of the newest loss of every sample ever reported: the fallback learner loss
+        # of a sample that has not been reported yet.
+        self._loss_sum = 0.0
+        self._loss_count = 0
 
     def ensure_shard(self, shard_index: int, rows: int) -> None:
         if shard_index not in self._learner_loss or len(self._learner_loss[shard_index]) != rows:
@@ -39,6 +47,32 @@ class PoolIndex:
                 bad = ids[in_shard][0] if block is None else ids[in_shard][rows[in_shard] >= len(block)][0]
                 raise UnknownSamples(f"sample id {int(bad)} is not in the pool")
 
+    def has_scores(self, shard_index: int) -> bool:
+        return shard_index in self._ref_loss
+
+    def set_scores(self, shard_index: int, ref_loss: np.ndarray, embedding: np.ndarray) -> None:
+        rows = len(self._learner_loss[shard_index])
+        if len(ref_loss) != rows or len(embedding) != rows:
+            raise ValueError(f"shard {shard_index} has {rows} rows, got {len(ref_loss)} scores")
+        self._ref_loss[shard_index] = np.asarray(ref_loss, dtype=np.float32)
+        self._embedding[shard_index] = np.asarray(embedding, dtype=np.float16)
+
+    def reference_loss(self, ids: np.ndarray) -> np.ndarray:
+        return self._gather(self._ref_loss, ids)
+
+    def embedding(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        shards, rows = shard_of(ids), row_of(ids)
+        first = self._embedding[int(shards[0])]
+        out = np.empty((len(ids), first.shape[1]), dtype=first.dtype)
+        for shard in np.unique(shards):
+            in_shard = shards == shard
+            out[in_shard] = self._embedding[int(shard)][rows[in_shard]]
+        return out
+
+    def mean_learner_loss(self) -> float:
+        return self._loss_sum / self._loss_count if self._loss_count else float("nan")
+
     def record_losses(self, ids: np.ndarray, losses: np.ndarray) -> None:
         """Stores each sample's latest learner loss; validates everything before changing anything."""
         ids = np.asarray(ids, dtype=np.int64)
@@ -48,18 +82,32 @@ class PoolIndex:
         if not np.isfinite(losses).all():
             raise ValueError("losses must be finite (got NaN or infinity)")
         self.check_ids(ids)
+        reported = len(ids)
+        if len(np.unique(ids)) != len(ids):  # coalesced reports may name a sample twice: newest wins
+            last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
+            ids, losses = ids[last], losses[last]
         shards, rows = shard_of(ids), row_of(ids)
         for shard in np.unique(shards):
             in_shard = shards == shard
-            self._learner_loss[int(shard)][rows[in_shard]] = losses[in_shard]
-            self._reported[int(shard)][rows[in_shard]] += 1
-        self.feedback_samples += len(ids)
+            block, where = self._learner_loss[int(shard)], rows[in_shard]
+            old = block[where]
+            seen = ~np.isnan(old)
+            # Keep the running mean over each sample's newest loss: swap old values for new.
+            self._loss_sum += float(losses[in_shard].sum() - old[seen].sum())
+            self._loss_count += int((~seen).sum())
+            block[where] = losses[in_shard]
+            self._reported[int(shard)][where] += 1
+        self.feedback_samples += reported
 
     def learner_loss(self, ids: np.ndarray) -> np.ndarray:
+        return self._gather(self._learner_loss, ids)
+
+    @staticmethod
+    def _gather(columns: dict[int, np.ndarray], ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         out = np.full(len(ids), np.nan, dtype=np.float32)
         shards, rows = shard_of(ids), row_of(ids)
         for shard in np.unique(shards):
             in_shard = shards == shard
-            out[in_shard] = self._learner_loss[int(shard)][rows[in_shard]]
+            out[in_shard] = columns[int(shard)][rows[in_shard]]
         return out

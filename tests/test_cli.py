@@ -97,3 +97,24 @@ def test_stats_verb_prints_the_pool(served):
     done = run_cli("stats", "--address", address)
     assert done.returncode == 0, done.stderr
     assert '"state": "ok"' in done.stdout or '"state": "pending"' in done.stdout
+
+
+def test_train_reference_writes_weights_the_service_can_load(tmp_path, mnist_tar):
+    from loader.scoring import ModelSpec, build_model
+
+    cfg = tmp_path / "service.yaml"
+    cfg.write_text("reference:\n  factory: loader.models:mlp\n  kwargs: {hidden: 32}\n")
+    out = tmp_path / "ref.pt"
+    done = run_cli("train-reference", "--config", str(cfg), "--holdout", mnist_tar["holdout"][0],
+                   "--out", str(out), "--epochs", "3")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"wrote {out}" in done.stdout
+    model = build_model(ModelSpec("loader.models:mlp", kwargs=(("hidden", 32),), weights=str(out)))
+    assert model[0].out_features == 32
+
+
+def test_train_reference_without_reference_section_names_the_key(tmp_path, mnist_tar):
+    cfg = tmp_path / "service.yaml"
+    cfg.write_text("readers: 1\n")
+    done = run_cli("train-reference", "--config", str(cfg), "--holdout", mnist_tar["holdout"][0], "--out", "x.pt")
+    assert done.returncode == 2 and "config error: reference:" in done.stderr

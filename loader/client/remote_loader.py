@@ -32,6 +32,8 @@ class RemoteLoader:
         token: str | None = None,
         *,
         policy: str = "",
+        options: dict | None = None,
+        total_epochs: int = 0,
         seed: int = 0,
         prefetch: int = 4,
         timeout_s: float = 300.0,
@@ -43,6 +45,9 @@ class RemoteLoader:
             raise ValueError("batch_size and prefetch must be positive")
         self.address, self.job, self.batch_size = address, job, batch_size
         self.rank, self.world_size, self.policy, self.seed = rank, world_size, policy, seed
+        self.options = {str(k): str(v) for k, v in (options or {}).items()}
+        self.total_epochs = total_epochs
+        self._pushes = 0
         self.prefetch, self.timeout_s = prefetch, timeout_s
         token = token if token is not None else os.environ.get("LOADER_TOKEN")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -60,6 +65,7 @@ class RemoteLoader:
         hello = pb.Hello(
             job=self.job, rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
             policy=self.policy, seed=self.seed, epoch=self._epoch, next_seq=self._seq,
+            options=self.options, total_epochs=self.total_epochs,
         )  # fmt: skip
         stream = TrainStream(self._stub, hello, self.prefetch, self._metadata, self._unsent)
         self._unsent = []
@@ -117,6 +123,31 @@ class RemoteLoader:
             if state[key] != getattr(self, key):
                 raise ValueError(f"state is for {key}={state[key]!r}, this loader has {key}={getattr(self, key)!r}")
         self._epoch, self._seq = int(state["epoch"]), int(state["seq"])
+
+    # -- snapshots -------------------------------------------------------------------------------
+
+    def push_weights(self, model, step: int | None = None, chunk_bytes: int = 1 << 20) -> int:
+        """Sends the model's weights for snapshot-mode scoring (the job's `learner_loss` option is
+        `snapshot`); the service's scorers then compute fresh learner losses with them, so the
+        trainer spends no forward passes on selection. Blocks until the scorer has loaded them."""
+        import io
+
+        import torch
+
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buffer)
+        data = buffer.getbuffer()
+        self._pushes += 1
+        step = self._pushes if step is None else step
+
+        def chunks():
+            for offset in range(0, max(len(data), 1), chunk_bytes):
+                first = offset == 0
+                yield pb.WeightsChunk(job=self.job if first else "", step=step if first else 0,
+                                      data=bytes(data[offset : offset + chunk_bytes]))  # fmt: skip
+
+        reply = self._stub.PushWeights(chunks(), metadata=self._metadata, timeout=self.timeout_s)
+        return reply.step
 
     # -- service ---------------------------------------------------------------------------------
 

@@ -7,12 +7,14 @@ import logging
 
 import grpc
 
-from loader.errors import ConfigError
+from loader.errors import ConfigError, JobConflict
 from loader.gateway.train import DRAIN_TIMEOUT_S, Abort, TrainSession, job_spec
 from loader.v1 import loader_pb2 as pb
 from loader.v1 import loader_pb2_grpc as pb_grpc
 
 log = logging.getLogger("loader.gateway")
+
+MAX_WEIGHTS_BYTES = 2 * 1024**3
 
 
 def shard_info(record) -> pb.ShardInfo:
@@ -40,11 +42,11 @@ class LoaderService(pb_grpc.LoaderServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, f"the first message must be Hello, got {first.WhichOneof('kind')}"
             )
         try:
-            spec = job_spec(first.hello, self.config.default_policy)
+            spec = job_spec(first.hello, self.config.default_policy, self.config.selection)
             session = TrainSession(self.pipeline, spec, first.hello)
         except Abort as abort:
             await context.abort(abort.code, abort.message)
-        except ValueError as exc:  # JobConflict
+        except JobConflict as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         key = (spec.job, session.rank)
         previous = self.sessions.get(key)
@@ -87,4 +89,22 @@ class LoaderService(pb_grpc.LoaderServicer):
         return pb.AddShardsResponse(shards=[shard_info(r) for r in records])
 
     async def PushWeights(self, request_iterator, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "PushWeights arrives with snapshot-mode scoring")
+        job, step, parts, size = "", 0, [], 0
+        async for chunk in request_iterator:
+            if not parts:
+                job, step = chunk.job, chunk.step
+            size += len(chunk.data)
+            if size > MAX_WEIGHTS_BYTES:
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, f"weights over {MAX_WEIGHTS_BYTES} bytes; push a smaller learner"
+                )
+            parts.append(chunk.data)
+        if not job:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first WeightsChunk must name the job")
+        try:
+            await self.pipeline.push_weights(job, b"".join(parts), step)
+        except JobConflict as exc:  # unknown job, or one not in snapshot mode
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ValueError as exc:  # the bytes are no state_dict of the learner (raised in the scorer)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot load the pushed weights: {exc}")
+        return pb.PushWeightsResponse(bytes_received=size, step=step)

@@ -15,6 +15,9 @@ import grpc
 import numpy as np
 
 from loader.curator import EndOfEpoch, Failed, JobSpec, Ready
+from loader.errors import ConfigError
+from loader.scoring import resolve_factory
+from loader.selection.options import SelectionOptions, parse_options
 from loader.selection.policies import POLICIES
 from loader.v1 import loader_pb2 as pb
 
@@ -31,7 +34,7 @@ class Abort(Exception):
     message: str
 
 
-def job_spec(hello: pb.Hello, default_policy: str) -> JobSpec:
+def job_spec(hello: pb.Hello, default_policy: str, defaults: SelectionOptions) -> JobSpec:
     if not hello.job:
         raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "Hello.job must name the job")
     if hello.world_size < 1:
@@ -47,7 +50,16 @@ def job_spec(hello: pb.Hello, default_policy: str) -> JobSpec:
         raise Abort(
             grpc.StatusCode.INVALID_ARGUMENT, f"unknown policy {policy!r}; known: {', '.join(sorted(POLICIES))}"
         )
-    return JobSpec(hello.job, hello.batch_size, hello.world_size, policy, hello.seed)
+    try:
+        options = parse_options(dict(hello.options), key="options", base=defaults)
+    except ConfigError as exc:
+        raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"Hello.{exc}") from None
+    if options.learner_loss == "snapshot":
+        try:
+            resolve_factory(options.learner, key="options.learner")
+        except ConfigError as exc:
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"Hello.{exc}") from None
+    return JobSpec(hello.job, hello.batch_size, hello.world_size, policy, hello.seed, options, hello.total_epochs)
 
 
 def decode_feedback(feedback: pb.Feedback) -> tuple[np.ndarray, np.ndarray]:

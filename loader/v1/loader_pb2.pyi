@@ -8,7 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("job", "rank", "world_size", "batch_size", "policy", "seed", "epoch", "next_seq")
+    __slots__ = ("job", "rank", "world_size", "batch_size", "policy", "seed", "epoch", "next_seq", "options", "total_epochs")
+    class OptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     JOB_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +24,8 @@ class Hello(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     NEXT_SEQ_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     world_size: int
@@ -25,7 +34,9 @@ class Hello(_message.Message):
     seed: int
     epoch: int
     next_seq: int
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., next_seq: _Optional[int] = ...) -> None: ...
+    options: _containers.ScalarMap[str, str]
+    total_epochs: int
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., next_seq: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ..., total_epochs: _Optional[int] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("batches",)
@@ -124,7 +135,14 @@ class ShardInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., uri: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job", "policy", "world_size", "batch_size", "epoch", "batches_served", "samples_served", "feedback_samples")
+    __slots__ = ("job", "policy", "world_size", "batch_size", "epoch", "batches_served", "samples_served", "feedback_samples", "samples_considered", "weight_pushes", "weights_step", "options")
+    class OptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     JOB_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +151,10 @@ class JobInfo(_message.Message):
     BATCHES_SERVED_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_SERVED_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_CONSIDERED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_PUSHES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_STEP_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
     job: str
     policy: str
     world_size: int
@@ -141,7 +163,11 @@ class JobInfo(_message.Message):
     batches_served: int
     samples_served: int
     feedback_samples: int
-    def __init__(self, job: _Optional[str] = ..., policy: _Optional[str] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., epoch: _Optional[int] = ..., batches_served: _Optional[int] = ..., samples_served: _Optional[int] = ..., feedback_samples: _Optional[int] = ...) -> None: ...
+    samples_considered: int
+    weight_pushes: int
+    weights_step: int
+    options: _containers.ScalarMap[str, str]
+    def __init__(self, job: _Optional[str] = ..., policy: _Optional[str] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., epoch: _Optional[int] = ..., batches_served: _Optional[int] = ..., samples_served: _Optional[int] = ..., feedback_samples: _Optional[int] = ..., samples_considered: _Optional[int] = ..., weight_pushes: _Optional[int] = ..., weights_step: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Stats(_message.Message):
     __slots__ = ("shards", "jobs", "trainers_connected")
@@ -176,7 +202,9 @@ class WeightsChunk(_message.Message):
     def __init__(self, job: _Optional[str] = ..., step: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PushWeightsResponse(_message.Message):
-    __slots__ = ("bytes_received",)
+    __slots__ = ("bytes_received", "step")
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     bytes_received: int
-    def __init__(self, bytes_received: _Optional[int] = ...) -> None: ...
+    step: int
+    def __init__(self, bytes_received: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...

@@ -83,7 +83,8 @@ class LoaderServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PushWeights(self, request_iterator, context):
-        """Learner weights for snapshot-mode scoring, chunked (reserved; not served yet).
+        """The trainer's current weights for snapshot-mode scoring: a torch.save'd state_dict split
+        into chunks; the first chunk names the job. Scorers compute fresh learner losses with them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,67 @@
+"""Scorer actors: reference losses and embeddings once per sample, and learner losses from
+the snapshots trainers push (snapshot mode). On a GPU when Ray has one."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from loader.reader import ReadResult
+from loader.scoring import ModelSpec, best_device, build_model, inputs_from_table, learner_losses, load_state_bytes, reference_scores
+
+log = logging.getLogger("loader.scorer")
+
+
+@ray.remote(num_cpus=0.25, max_restarts=-1)
+class ScorerActor:
+    def __init__(self, reference: ModelSpec | None, input_column: str, label_column: str) -> None:
+        self._device = best_device()
+        self._columns = (input_column, label_column)
+        self._reference = build_model(reference, self._device) if reference is not None else None
+        # Shard index -> (reference loss, embedding): score once, serve every epoch and job.
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # Job -> (learner spec, model, step of the newest snapshot).
+        self._learners: dict[str, tuple[ModelSpec, object, int]] = {}
+        self.scored_samples = 0
+
+    def device(self) -> str:
+        return str(self._device)
+
+    def score(self, result: ReadResult) -> tuple[np.ndarray, np.ndarray]:
+        cached = self._cache.get(result.index)
+        if cached is None:
+            if self._reference is None:
+                raise RuntimeError("this service has no reference model (set `reference` in its config)")
+            inputs, labels = inputs_from_table(result.table, *self._columns)
+            cached = self._cache[result.index] = reference_scores(self._reference, inputs, labels, device=self._device)
+            self.scored_samples += len(labels)
+        return cached
+
+    def set_learner(self, job: str, spec: ModelSpec, weights: bytes, step: int) -> int:
+        known = self._learners.get(job)
+        model = known[1] if known is not None and known[0] == spec else build_model(spec, self._device, key="options.learner")
+        load_state_bytes(model, weights)
+        model.eval()
+        self._learners[job] = (spec, model, step)
+        return step
+
+    def learner_loss(self, job: str, table: pa.Table) -> np.ndarray | None:
+        """Per-sample loss of the job's newest snapshot; None before the first push (the curator
+        then falls back to reported losses)."""
+        known = self._learners.get(job)
+        if known is None:
+            return None
+        inputs, labels = inputs_from_table(table, *self._columns)
+        return learner_losses(known[1], inputs, labels, device=self._device)
+
+    def stats(self) -> dict:
+        return {"device": str(self._device), "scored_samples": self.scored_samples, "cached_shards": len(self._cache)}
+
+
+def learner_scorer(scorers: list, job: str):
+    """The scorer that holds `job`'s learner snapshots; crc32 keeps the choice stable."""
+    return scorers[zlib.crc32(job.encode()) % len(scorers)]
