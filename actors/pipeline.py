@@ -117,9 +117,19 @@ class Pipeline:
     async def stats(self, job: str = "") -> dict:
         names = [name for name in self._jobs if not job or name == job]
         jobs = await asyncio.gather(*(self._jobs[name][1].stats.remote() for name in names))
+        scorers = await asyncio.gather(*(s.stats.remote() for s in self._scorers))
         for name, info in zip(names, jobs):
             info["weight_pushes"], info["weights_step"] = self._pushes.get(name, (0, 0))
-        return {"shards": await self._registry.records.remote(), "jobs": list(jobs)}
+            costs = [s["learner"][name] for s in scorers if name in s["learner"]]
+            info["learner_scored_samples"] = sum(c[0] for c in costs)
+            info["learner_scoring_seconds"] = sum(c[1] for c in costs)
+        return {
+            "shards": await self._registry.records.remote(),
+            "jobs": list(jobs),
+            "reference_scored_samples": sum(s["reference_samples"] for s in scorers),
+            "reference_scoring_seconds": sum(s["reference_seconds"] for s in scorers),
+            "scorer_devices": [s["device"] for s in scorers],
+        }
 
     def shutdown(self) -> None:
         for _, curator in self._jobs.values():

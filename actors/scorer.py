@@ -4,6 +4,7 @@ the snapshots trainers push (snapshot mode). On a GPU when Ray has one."""
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 
 import numpy as np
@@ -26,7 +27,10 @@ class ScorerActor:
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # Job -> (learner spec, model, step of the newest snapshot).
         self._learners: dict[str, tuple[ModelSpec, object, int]] = {}
-        self.scored_samples = 0
+        self._reference_samples = 0
+        self._reference_seconds = 0.0
+        # Job -> [samples, seconds] of learner scoring.
+        self._learner_cost: dict[str, list] = {}
 
     def device(self) -> str:
         return str(self._device)
@@ -36,9 +40,11 @@ class ScorerActor:
         if cached is None:
             if self._reference is None:
                 raise RuntimeError("this service has no reference model (set `reference` in its config)")
+            started = time.perf_counter()
             inputs, labels = inputs_from_table(result.table, *self._columns)
             cached = self._cache[result.index] = reference_scores(self._reference, inputs, labels, device=self._device)
-            self.scored_samples += len(labels)
+            self._reference_seconds += time.perf_counter() - started
+            self._reference_samples += len(labels)
         return cached
 
     def set_learner(self, job: str, spec: ModelSpec, weights: bytes, step: int) -> int:
@@ -55,11 +61,21 @@ class ScorerActor:
         known = self._learners.get(job)
         if known is None:
             return None
+        started = time.perf_counter()
         inputs, labels = inputs_from_table(table, *self._columns)
-        return learner_losses(known[1], inputs, labels, device=self._device)
+        losses = learner_losses(known[1], inputs, labels, device=self._device)
+        cost = self._learner_cost.setdefault(job, [0, 0.0])
+        cost[0] += len(labels)
+        cost[1] += time.perf_counter() - started
+        return losses
 
     def stats(self) -> dict:
-        return {"device": str(self._device), "scored_samples": self.scored_samples, "cached_shards": len(self._cache)}
+        return {
+            "device": str(self._device),
+            "reference_samples": self._reference_samples,
+            "reference_seconds": self._reference_seconds,
+            "learner": {job: tuple(cost) for job, cost in self._learner_cost.items()},
+        }
 
 
 def learner_scorer(scorers: list, job: str):

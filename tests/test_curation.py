@@ -126,8 +126,14 @@ def test_snapshot_pushes_change_what_the_curator_selects(service):
         loader.push_weights(constant_learner(2), step=20)
         _, labels = served_ids(loader)
         assert (labels == 2).mean() > 0.4 and (labels == 7).mean() < 0.2, np.bincount(labels, minlength=10)
-        job = loader.stats().jobs[0]
+        stats = loader.stats()
+    job = stats.jobs[0]
     assert job.weight_pushes == 2 and job.weights_step == 20
+    # Every candidate of the two snapshot epochs went through the learner on a scorer.
+    assert job.learner_scored_samples >= 2 * job.samples_considered // 3
+    assert job.learner_scoring_seconds > 0
+    assert stats.reference_scored_samples == 768, "each sample is scored by the reference exactly once"
+    assert set(stats.scorer_devices) <= {"cpu", "cuda"}
 
 
 def test_curated_policy_without_reference_fails_precondition(serve, half_random):

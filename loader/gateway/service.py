@@ -77,6 +77,9 @@ class LoaderService(pb_grpc.LoaderServicer):
             shards=[shard_info(r) for r in stats["shards"]],
             jobs=[pb.JobInfo(**job) for job in stats["jobs"]],
             trainers_connected=len(self.sessions),
+            reference_scored_samples=stats["reference_scored_samples"],
+            reference_scoring_seconds=stats["reference_scoring_seconds"],
+            scorer_devices=stats["scorer_devices"],
         )
 
     async def AddShards(self, request, context):

@@ -135,7 +135,7 @@ class ShardInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., uri: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job", "policy", "world_size", "batch_size", "epoch", "batches_served", "samples_served", "feedback_samples", "samples_considered", "weight_pushes", "weights_step", "options")
+    __slots__ = ("job", "policy", "world_size", "batch_size", "epoch", "batches_served", "samples_served", "feedback_samples", "samples_considered", "weight_pushes", "weights_step", "options", "learner_scored_samples", "learner_scoring_seconds")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,8 @@ class JobInfo(_message.Message):
     WEIGHT_PUSHES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_STEP_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    LEARNER_SCORED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LEARNER_SCORING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     job: str
     policy: str
     world_size: int
@@ -167,17 +169,25 @@ class JobInfo(_message.Message):
     weight_pushes: int
     weights_step: int
     options: _containers.ScalarMap[str, str]
-    def __init__(self, job: _Optional[str] = ..., policy: _Optional[str] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., epoch: _Optional[int] = ..., batches_served: _Optional[int] = ..., samples_served: _Optional[int] = ..., feedback_samples: _Optional[int] = ..., samples_considered: _Optional[int] = ..., weight_pushes: _Optional[int] = ..., weights_step: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    learner_scored_samples: int
+    learner_scoring_seconds: float
+    def __init__(self, job: _Optional[str] = ..., policy: _Optional[str] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., epoch: _Optional[int] = ..., batches_served: _Optional[int] = ..., samples_served: _Optional[int] = ..., feedback_samples: _Optional[int] = ..., samples_considered: _Optional[int] = ..., weight_pushes: _Optional[int] = ..., weights_step: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ..., learner_scored_samples: _Optional[int] = ..., learner_scoring_seconds: _Optional[float] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("shards", "jobs", "trainers_connected")
+    __slots__ = ("shards", "jobs", "trainers_connected", "reference_scored_samples", "reference_scoring_seconds", "scorer_devices")
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     JOBS_FIELD_NUMBER: _ClassVar[int]
     TRAINERS_CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_SCORED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_SCORING_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SCORER_DEVICES_FIELD_NUMBER: _ClassVar[int]
     shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
     jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
     trainers_connected: int
-    def __init__(self, shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., trainers_connected: _Optional[int] = ...) -> None: ...
+    reference_scored_samples: int
+    reference_scoring_seconds: float
+    scorer_devices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., trainers_connected: _Optional[int] = ..., reference_scored_samples: _Optional[int] = ..., reference_scoring_seconds: _Optional[float] = ..., scorer_devices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AddShardsRequest(_message.Message):
     __slots__ = ("uris",)
