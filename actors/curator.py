@@ -32,7 +32,6 @@ class CuratorActor:
         self._core = Curator(spec, settings)
         self._registry, self._readers, self._scorers, self._prefetch = registry, readers, scorers, prefetch
         self._learner_scorer = learner_scorer(scorers, spec.job) if scorers else None
-        self._turn = 0
         self._feeders: dict[int, asyncio.Task] = {}
         self._changed: asyncio.Condition | None = None
 
@@ -76,16 +75,16 @@ class CuratorActor:
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def _reader(self):
-        self._turn += 1
-        return self._readers[self._turn % len(self._readers)]
+    def _reader(self, index: int, attempt: int):
+        # The same shard goes to the same reader, whose cache then holds it; a retry moves on.
+        return self._readers[(index + attempt) % len(self._readers)]
 
     async def _read(self, uri: str, index: int) -> tuple[ReadResult, tuple | None]:
         """Reads a shard and, when the policy needs them and the pool lacks them, its reference
         scores. The table goes from reader to scorer as an object ref, never through here."""
         # A reader that dies mid-read is restarted by Ray; the shard goes to the next reader.
-        for _ in range(READ_ATTEMPTS):
-            ref = self._reader().read.remote(uri, index)
+        for attempt in range(READ_ATTEMPTS):
+            ref = self._reader(index, attempt).read.remote(uri, index)
             try:
                 result = await ref
                 scores = None

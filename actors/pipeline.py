@@ -36,7 +36,7 @@ class Pipeline:
         self.config = config
         self._settings = CuratorSettings(shuffle_rows=config.shuffle_rows, ready_batches=config.ready_batches)
         self._registry = RegistryActor.remote()
-        self._readers = [ShardReaderActor.remote() for _ in range(config.readers)]
+        self._readers = [ShardReaderActor.remote(config.reader_cache_mb << 20) for _ in range(config.readers)]
         # Scorers start with the first job that needs them: a uniform-only service never pays for
         # a model (and its worker process).
         self._scorers: list = []

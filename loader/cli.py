@@ -89,7 +89,7 @@ def _stats(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from loader.demo import run
 
-    return run(data_dir=args.data, epochs=args.epochs, batch_size=args.batch_size)
+    return run(data_dir=args.data, steps=args.steps, batch_size=args.batch_size, keep_ratio=args.keep_ratio)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -130,10 +130,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--job")
     t.set_defaults(func=_stats)
 
-    d = sub.add_parser("demo", help="make MNIST-1D shards, serve them, train through RemoteLoader")
+    d = sub.add_parser("demo", help="noisy MNIST-1D: train uniform vs curated through RemoteLoader")
     d.add_argument("--data", default="data/mnist1d")
-    d.add_argument("--epochs", type=int, default=40)
-    d.add_argument("--batch-size", type=int, default=128)
+    d.add_argument("--steps", type=int, default=1000)
+    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--keep-ratio", type=float, default=0.2)
     d.set_defaults(func=_demo)
     return p
 

@@ -22,6 +22,9 @@ class ServiceConfig:
     # CPUs given to a local Ray (None: all of the machine's).
     num_cpus: int | None = None
     readers: int = 2
+    # Decoded shards each reader keeps in memory (MiB); curated policies re-read the whole pool
+    # every epoch, so a pool that fits is decoded once. 0 turns the cache off.
+    reader_cache_mb: int = 256
     # Shard reads a curator keeps in flight.
     prefetch_shards: int = 2
     # Rows held back and sampled from, per job epoch; larger mixes shards better, costs memory.
@@ -65,6 +68,7 @@ def _default_selection():
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServiceConfig)}
 _POSITIVE_INTS = ("readers", "prefetch_shards", "ready_batches", "max_message_bytes", "scorers")
+_NON_NEGATIVE_INTS = ("shuffle_rows", "reader_cache_mb")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -97,10 +101,10 @@ def _normalise(key: str, value: Any) -> Any:
             if value < 1:
                 raise ConfigError(key, f"must be at least 1, got {value}")
         return value
-    if key in _POSITIVE_INTS or key == "shuffle_rows":
+    if key in _POSITIVE_INTS or key in _NON_NEGATIVE_INTS:
         _check_type(key, value, int)
-        if value < (0 if key == "shuffle_rows" else 1):
-            raise ConfigError(key, f"must be {'non-negative' if key == 'shuffle_rows' else 'positive'}, got {value}")
+        if value < (0 if key in _NON_NEGATIVE_INTS else 1):
+            raise ConfigError(key, f"must be {'non-negative' if key in _NON_NEGATIVE_INTS else 'positive'}, got {value}")
         return value
     if key == "hello_timeout_s":
         _check_type(key, value, (int, float))

@@ -1,7 +1,10 @@
 """`loader demo`: the whole story on one machine.
 
-Writes MNIST-1D shards, starts `loader serve` on a local Ray in a child process (as a real
-deployment would run it), trains a small MLP through RemoteLoader and reports test accuracy.
+Writes MNIST-1D shards with 30% of the training labels corrupted, trains a reference model on
+the clean holdout, starts `loader serve` on a local Ray in a child process (as a deployment would
+run it), then trains the same MLP twice through RemoteLoader for the same number of steps: once
+on uniform batches, once on curated ones (learnability: learner loss minus reference loss), and
+prints both test accuracies and the speed-up.
 """
 
 from __future__ import annotations
@@ -15,15 +18,18 @@ import threading
 import time
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+import yaml
 
-from loader import RemoteLoader
-from loader.models import accuracy, mlp
+from loader.models import mlp
+from loader.reference import train_reference
+from loader.scoring import ModelSpec
 from loader.sources import read_shard
 from loader.tensors import to_numpy
+from loader.training import Curve, train
 
 START_TIMEOUT_S = 120.0
+LABEL_NOISE = 0.3
+REFERENCE = "loader.models:cnn1d"
 
 
 def load_split(paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,35 +76,63 @@ class ServiceProcess:
         self._log.close()
 
 
-def run(data_dir: str = "data/mnist1d", epochs: int = 40, batch_size: int = 128) -> int:
-    started = time.monotonic()
+def _shards(data_dir: str) -> None:
     if not glob.glob(os.path.join(data_dir, "train-*.tar")):
-        subprocess.run([sys.executable, "-m", "loader", "make-shards", "mnist1d", "--out", data_dir], check=True)
-    x_test, y_test = load_split(sorted(glob.glob(os.path.join(data_dir, "test-*.tar"))))
+        subprocess.run(
+            [sys.executable, "-m", "loader", "make-shards", "mnist1d", "--out", data_dir,
+             "--label-noise", str(LABEL_NOISE)],
+            check=True,
+        )  # fmt: skip
+
+
+def _reference(data_dir: str) -> str:
+    weights = os.path.join(data_dir, "reference.pt")
+    if not os.path.exists(weights):
+        holdout = sorted(glob.glob(os.path.join(data_dir, "holdout-*.tar")))
+        metrics = train_reference(ModelSpec(REFERENCE), holdout, weights, epochs=60)
+        print(f"reference {REFERENCE} on {metrics['samples']} clean holdout samples: "
+              f"accuracy {metrics['holdout_accuracy']:.3f} ({metrics['seconds']:.1f} s)")  # fmt: skip
+    return weights
+
+
+def run(data_dir: str = "data/mnist1d", steps: int = 1000, batch_size: int = 64, keep_ratio: float = 0.2) -> int:
+    started = time.monotonic()
+    _shards(data_dir)
+    weights = _reference(data_dir)
+    test = load_split(sorted(glob.glob(os.path.join(data_dir, "test-*.tar"))))
+    config = os.path.join(data_dir, "service.yaml")
+    with open(config, "w") as f:
+        yaml.safe_dump({"shards": os.path.join(data_dir, "train-*.tar"), "address": "127.0.0.1:0",
+                        "shuffle_rows": 4096, "reference": {"factory": REFERENCE, "weights": weights}}, f)  # fmt: skip
 
     print("starting loader serve on a local Ray ...", flush=True)
-    service = ServiceProcess(
-        ["--shards", os.path.join(data_dir, "train-*.tar"), "--address", "127.0.0.1:0"],
-        log_path=os.path.join(data_dir, "serve.log"),
-    )
+    service = ServiceProcess(["--config", config], log_path=os.path.join(data_dir, "serve.log"))
     try:
         print(f"service listening on {service.address}", flush=True)
-        torch.manual_seed(0)
-        model = mlp()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        loader = RemoteLoader(service.address, job=f"demo-{os.getpid()}", batch_size=batch_size)
-        bar = tqdm(range(epochs), desc="training", unit="epoch")
-        for _ in bar:
-            for batch in loader:
-                losses = F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
-                (losses * batch["_weight"]).mean().backward()
-                opt.step()
-                opt.zero_grad()
-                loader.report(batch, losses)
-            bar.set_postfix(test_acc=f"{accuracy(model, x_test, y_test):.3f}")
-        loader.close()
+        common = dict(make_model=mlp, test=test, steps=steps, batch_size=batch_size, eval_every=50)
+        tag = os.getpid()
+        uniform = train(service.address, f"demo-uniform-{tag}", **common)
+        print(_summary("uniform", uniform), flush=True)
+        curated = train(service.address, f"demo-learnability-{tag}", policy="learnability",
+                        options={"keep_ratio": keep_ratio}, **common)  # fmt: skip
+        print(_summary(f"learnability (keep {keep_ratio:g})", curated), flush=True)
     finally:
         service.stop()
-    acc = accuracy(model, x_test, y_test)
-    print(f"test accuracy: {acc:.4f} after {epochs} epochs (wall time {time.monotonic() - started:.1f} s)")
+
+    target = uniform.best
+    reached = curated.steps_to(target)
+    uniform_steps = uniform.steps_to(target)
+    if reached is None:
+        verdict = f"curated never reached uniform's best ({target:.3f}) within {steps} steps"
+    else:
+        verdict = f"curated reached uniform's best ({target:.3f}) in {reached} steps vs {uniform_steps}: " \
+                  f"{uniform_steps / reached:.1f}x fewer steps"  # fmt: skip
+    print(f"\ntest accuracy after {steps} steps: uniform {uniform.final:.4f}, curated {curated.final:.4f}")
+    print(verdict)
+    print(f"demo wall time {time.monotonic() - started:.1f} s")
     return 0
+
+
+def _summary(name: str, curve: Curve) -> str:
+    return (f"{name:>24}: final test accuracy {curve.final:.4f}, best {curve.best:.4f}, "
+            f"{curve.epochs} full epochs, trainer {curve.trainer_seconds:.1f} s, wall {curve.wall_seconds:.1f} s")  # fmt: skip
