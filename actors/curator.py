@@ -88,7 +88,7 @@ class CuratorActor:
             try:
                 result = await ref
                 scores = None
-                if not result.error and self._core.policy.needs_reference and not self._core.pool.has_scores(index):
+                if not result.error and self._core.needs_scores and not self._core.pool.has_scores(index):
                     scores = await self._scorers[index % len(self._scorers)].score.remote(ref)
                 return result, scores
             except RayActorError as exc:

@@ -65,9 +65,10 @@ class Pipeline:
                 raise JobConflict(reason)
             return known[1]
         policy = make_policy(spec.policy, spec.options)
-        if policy.needs_reference and self.config.reference is None:
+        needs_scores = policy.needs_reference or spec.options.needs_embeddings
+        if needs_scores and self.config.reference is None:
             raise JobConflict(f"policy {spec.policy!r} needs a reference model; set `reference` in the service config")
-        if policy.needs_reference or policy.needs_learner:
+        if needs_scores or policy.needs_learner:
             self._start_scorers()
         curator = CuratorActor.remote(
             spec, self._settings, self._registry, self._readers, self._scorers, self.config.prefetch_shards

@@ -17,9 +17,12 @@ import numpy as np
 import pyarrow as pa
 
 from loader import codec
-from loader.epoch import EpochAssembler
+from loader.epoch import ClusteredShuffleBuffer, EpochAssembler, ShuffleBuffer
 from loader.pool import PoolIndex, UnknownSamples
 from loader.registry import ShardRecord
+from loader.selection.bandit import get_bandit, reward_from_feedback
+from loader.selection.clusters import OnlineClusters
+from loader.selection.diversity import EmbeddingMemory
 from loader.selection.options import SelectionOptions, keep_count
 from loader.selection.policies import make_policy
 from loader.selection.scores import fill_missing
@@ -110,7 +113,17 @@ class Curator:
         self.super_batch = self.policy.super_batch(spec.batch_size)
         # Snapshot mode gets learner losses from a scorer, asynchronously, per super-batch.
         self.needs_snapshot = self.policy.needs_learner and spec.options.learner_loss == "snapshot"
+        options = spec.options
+        self.needs_scores = self.policy.needs_reference or options.needs_embeddings
         self.pool = PoolIndex()
+        # Bandit over clusters of reference embeddings (arms), and a memory of served embeddings.
+        self.clusters = self.bandit = self.memory = None
+        if options.bandit != "none":
+            self.clusters = OnlineClusters(max_clusters=options.max_clusters, seed=spec.seed)
+            self.bandit = get_bandit(options.bandit)(gamma=options.gamma, eta=options.eta, seed=spec.seed)
+        if options.diversity > 0:
+            self.memory = EmbeddingMemory(options.memory_size)
+        self.served_per_cluster = np.zeros(0, np.int64)
         self.schema: pa.Schema | None = None
         self.epochs: dict[int, EpochRun] = {}
         self.batches_served = 0
@@ -126,11 +139,17 @@ class Curator:
         seed = np.random.SeedSequence([self.spec.seed, epoch])
         rng = np.random.default_rng(seed)
         assembler = EpochAssembler(
-            self.super_batch, self.spec.world_size, self.settings.shuffle_rows, int(rng.integers(2**63))
-        )
+            self.super_batch, self.spec.world_size, self.settings.shuffle_rows, int(rng.integers(2**63)),
+            buffer=self._buffer,
+        )  # fmt: skip
         self.epochs[epoch] = EpochRun(assembler, np.random.default_rng(rng.integers(2**63)))
         self._forget_old_epochs(epoch)
         return [shards[i] for i in rng.permutation(len(shards))]
+
+    def _buffer(self, rng: np.random.Generator) -> ShuffleBuffer | ClusteredShuffleBuffer:
+        if self.bandit is None:
+            return ShuffleBuffer(rng)
+        return ClusteredShuffleBuffer(rng, self.pool.cluster_of, self.bandit.quotas)
 
     def add_shard(
         self, epoch: int, index: int, table: pa.Table, scores: tuple[np.ndarray, np.ndarray] | None = None
@@ -141,12 +160,14 @@ class Curator:
             self.schema = table.schema
         elif not table.schema.equals(self.schema):
             return f"schema differs from the pool's: got {_describe(table.schema)}, expected {_describe(self.schema)}"
-        if self.policy.needs_reference and scores is None and not self.pool.has_scores(index):
+        if self.needs_scores and scores is None and not self.pool.has_scores(index):
             return "no reference scores for this shard"
         run = self.epochs[epoch]
         self.pool.ensure_shard(index, table.num_rows)
-        if scores is not None:
+        if scores is not None and not self.pool.has_scores(index):
             self.pool.set_scores(index, *scores)
+            if self.clusters is not None:
+                self.pool.set_clusters(index, self.clusters.assign(scores[1]))
         run.assembler.add(table)
         if not self.needs_snapshot:
             self.collect(epoch)
@@ -186,11 +207,18 @@ class Curator:
             learner_loss = fill_missing(self.pool.learner_loss(ids), self.pool.mean_learner_loss())
         progress = epoch / self.spec.total_epochs if self.spec.total_epochs else None
         k = keep_count(len(ids), self.super_batch, self.spec.batch_size)
+        embeddings = self.pool.embedding(ids) if self.memory is not None else None
         picks, weights = self.policy.select(
-            k, ref_loss=ref_loss, learner_loss=learner_loss, n=len(ids), rng=run.rng, progress=progress
-        )
+            k, ref_loss=ref_loss, learner_loss=learner_loss, n=len(ids), rng=run.rng, progress=progress,
+            embeddings=embeddings, memory=self.memory,
+        )  # fmt: skip
         table = candidates.take(pa.array(picks))
         kept = ids[picks]
+        if self.memory is not None:
+            self.memory.add(embeddings[picks])
+        if self.clusters is not None:
+            served = np.bincount(self.pool.cluster_of(kept), minlength=self.clusters.num_clusters)
+            self.served_per_cluster = _add_padded(self.served_per_cluster, served)
         run.payloads[len(run.ids)] = codec.encode(table.append_column(codec.WEIGHT, pa.array(weights)))
         run.ids.append(kept)
         run.weights.append(weights)
@@ -236,6 +264,13 @@ class Curator:
             self.pool.record_losses(ids, losses)
         except (ValueError, UnknownSamples) as exc:
             return str(exc)
+        if self.bandit is not None:
+            ids = np.asarray(ids, dtype=np.int64)
+            clusters = self.pool.cluster_of(ids)
+            known = clusters >= 0
+            if known.any():
+                self.bandit.update(*reward_from_feedback(clusters[known], np.asarray(losses)[known],
+                                                         self.pool.reference_loss(ids[known])))  # fmt: skip
         return ""
 
     def rebuild(self, tables: list[pa.Table], weights: np.ndarray) -> bytes:
@@ -257,7 +292,33 @@ class Curator:
             "feedback_samples": self.pool.feedback_samples,
             "samples_considered": self.samples_considered,
             "options": {k: str(v) for k, v in dataclasses.asdict(self.spec.options).items()},
+            "clusters": self.cluster_stats(),
         }
+
+    def cluster_stats(self) -> list[dict]:
+        """Per cluster: pool members, bandit weight, its reward estimate, batches' samples served."""
+        if self.clusters is None:
+            return []
+        sizes, ref_loss = self.pool.cluster_sizes()
+        k = max(len(sizes), self.bandit.num_arms, len(self.served_per_cluster))
+        weights, rewards = _pad(self.bandit.weights, k), _pad(self.bandit.reward_estimates, k)
+        sizes, ref_loss, served = _pad(sizes, k), _pad(ref_loss, k), _pad(self.served_per_cluster, k)
+        return [
+            {"id": c, "size": int(sizes[c]), "weight": float(weights[c]), "reward": float(rewards[c]),
+             "served": int(served[c]), "reference_loss": float(ref_loss[c])}
+            for c in range(k)
+        ]  # fmt: skip
+
+
+def _pad(values: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n, dtype=np.asarray(values).dtype if len(values) else np.float64)
+    out[: len(values)] = values
+    return out
+
+
+def _add_padded(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    n = max(len(a), len(b))
+    return _pad(a, n) + _pad(b, n)
 
 
 def _describe(schema: pa.Schema) -> str:

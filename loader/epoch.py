@@ -9,9 +9,13 @@ once the epoch's size is known.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
+
+from loader.codec import ID
+from loader.selection.quota import ClusterBuffer
 
 
 class ShuffleBuffer:
@@ -56,6 +60,58 @@ class ShuffleBuffer:
         return self._table.take(rows)
 
 
+class ClusteredShuffleBuffer:
+    """Rows waiting per cluster; a draw takes each cluster's quota (a bandit's choice) at random.
+
+    Rows are addressed by their position in the stream of added tables; a table is released once
+    all its rows are drawn, so memory follows what is buffered, not what passed through.
+    """
+
+    def __init__(
+        self,
+        rng: np.random.Generator,
+        cluster_of: Callable[[np.ndarray], np.ndarray],
+        quotas: Callable[[int, np.ndarray], np.ndarray],
+    ) -> None:
+        self._rng, self._cluster_of, self._quotas = rng, cluster_of, quotas
+        self._rows = ClusterBuffer()
+        self._starts: list[int] = []
+        self._tables: dict[int, pa.Table] = {}
+        self._left: dict[int, int] = {}
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, table: pa.Table) -> None:
+        n = table.num_rows
+        if not n:
+            return
+        clusters = self._cluster_of(table.column(ID).to_numpy())
+        self._rows.add(clusters, np.arange(self._next, self._next + n, dtype=np.int64))
+        self._schema = table.schema
+        key = len(self._starts)
+        self._starts.append(self._next)
+        self._tables[key], self._left[key] = table, n
+        self._next += n
+
+    def draw(self, k: int) -> pa.Table:
+        if k > len(self):
+            raise ValueError(f"cannot draw {k} rows from a buffer of {len(self)}")
+        positions = self._rows.draw(self._quotas(k, self._rows.counts()), self._rng)
+        if len(positions) != k:
+            raise RuntimeError(f"quotas gave {len(positions)} rows for a draw of {k}")
+        owners = np.searchsorted(self._starts, positions, side="right") - 1
+        parts = []
+        for key in np.unique(owners):
+            mine = positions[owners == key]
+            parts.append(self._tables[int(key)].take(pa.array(mine - self._starts[key])))
+            self._left[int(key)] -= len(mine)
+            if not self._left[int(key)]:
+                del self._tables[int(key)], self._left[int(key)]
+        return pa.concat_tables(parts) if parts else self._schema.empty_table()
+
+
 def tail_sizes(remaining: int, emitted: int, batch_size: int, world_size: int) -> list[int]:
     """Sizes of the last batches so the epoch's batch count is a multiple of world_size.
 
@@ -70,12 +126,19 @@ def tail_sizes(remaining: int, emitted: int, batch_size: int, world_size: int) -
 
 
 class EpochAssembler:
-    def __init__(self, batch_size: int, world_size: int, shuffle_rows: int, seed: int) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        world_size: int,
+        shuffle_rows: int,
+        seed: int,
+        buffer: Callable[[np.random.Generator], ShuffleBuffer | ClusteredShuffleBuffer] = ShuffleBuffer,
+    ) -> None:
         if batch_size < 1 or world_size < 1:
             raise ValueError("batch_size and world_size must be positive")
         self.batch_size, self.world_size = batch_size, world_size
         self._hold = max(shuffle_rows, batch_size * world_size)
-        self._buffer = ShuffleBuffer(np.random.default_rng(seed))
+        self._buffer = buffer(np.random.default_rng(seed))
         self._finished = False
         self.emitted = 0
         self.rows_in = 0

@@ -23,6 +23,8 @@ class PoolIndex:
         # cosine similarities and rankings do not need more precision)
         self._ref_loss: dict[int, np.ndarray] = {}
         self._embedding: dict[int, np.ndarray] = {}
+        # shard index -> cluster id per row (-1: not clustered)
+        self._cluster: dict[int, np.ndarray] = {}
         self.feedback_samples = 0
         # Running sums of the newest loss of every sample ever reported: the fallback learner loss
         # of a sample that has not been reported yet.
@@ -56,6 +58,24 @@ class PoolIndex:
             raise ValueError(f"shard {shard_index} has {rows} rows, got {len(ref_loss)} scores")
         self._ref_loss[shard_index] = np.asarray(ref_loss, dtype=np.float32)
         self._embedding[shard_index] = np.asarray(embedding, dtype=np.float16)
+
+    def set_clusters(self, shard_index: int, clusters: np.ndarray) -> None:
+        self._cluster[shard_index] = np.asarray(clusters, dtype=np.int32)
+
+    def cluster_of(self, ids: np.ndarray) -> np.ndarray:
+        return self._gather(self._cluster, ids, fill=-1, dtype=np.int32)
+
+    def cluster_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Members per cluster id and their mean reference loss."""
+        shards = [s for s in self._cluster if s in self._ref_loss]
+        if not shards:
+            return np.zeros(0, np.int64), np.zeros(0)
+        ids = np.concatenate([self._cluster[s] for s in shards])
+        ref = np.concatenate([self._ref_loss[s] for s in shards])
+        ok = ids >= 0
+        sizes = np.bincount(ids[ok])
+        sums = np.bincount(ids[ok], weights=ref[ok], minlength=len(sizes))
+        return sizes, np.divide(sums, sizes, out=np.zeros(len(sizes)), where=sizes > 0)
 
     def reference_loss(self, ids: np.ndarray) -> np.ndarray:
         return self._gather(self._ref_loss, ids)
@@ -103,9 +123,9 @@ class PoolIndex:
         return self._gather(self._learner_loss, ids)
 
     @staticmethod
-    def _gather(columns: dict[int, np.ndarray], ids: np.ndarray) -> np.ndarray:
+    def _gather(columns: dict[int, np.ndarray], ids: np.ndarray, fill=np.nan, dtype=np.float32) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
-        out = np.full(len(ids), np.nan, dtype=np.float32)
+        out = np.full(len(ids), fill, dtype=dtype)
         shards, rows = shard_of(ids), row_of(ids)
         for shard in np.unique(shards):
             in_shard = shards == shard

@@ -52,17 +52,24 @@ def train(
     push_every: int = 0,
     use_weights: bool = True,
     progress: bool = True,
+    prefetch: int = 4,
+    total_epochs: int = 0,
 ) -> Curve:
     """Trains `make_model()` for exactly `steps` batches (as many epochs as that takes).
 
     With `push_every` > 0 the model's weights are pushed every that many steps (snapshot mode).
+    `prefetch` is the RemoteLoader's credit: fewer batches in flight means batches selected with a
+    fresher snapshot. `total_epochs` lets policies that anneal (InfoBatch's `loss`) know the plan.
     """
     torch.manual_seed(seed)
     model = make_model()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     curve = Curve()
     started = time.perf_counter()
-    loader = RemoteLoader(address, job=job, batch_size=batch_size, policy=policy, options=options, seed=seed)
+    loader = RemoteLoader(
+        address, job=job, batch_size=batch_size, policy=policy, options=options, seed=seed, prefetch=prefetch,
+        total_epochs=total_epochs,
+    )  # fmt: skip
     step = 0
     bar = tqdm(total=steps, desc=job, unit="step", disable=not progress, leave=False)
     try:

@@ -40,3 +40,11 @@ def run_ranks(address: str, job: str, world_size: int, batch_size: int, **kwargs
     if errors:
         raise errors[0]
     return results
+
+
+def blobs(rng: np.random.Generator, centroids: np.ndarray, rows: int) -> dict[str, np.ndarray]:
+    """Gaussian clusters, one per class: easy enough that a small reference model is right on
+    nearly every clean sample, so label noise shows up plainly in its loss."""
+    y = rng.integers(0, len(centroids), size=rows)
+    x = (centroids[y] + rng.normal(size=(rows, centroids.shape[1]))).astype(np.float32)
+    return {"x": x, "y": y.astype(np.int64)}

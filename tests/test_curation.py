@@ -14,17 +14,9 @@ from loader.models import mlp
 from loader.reference import train_reference
 from loader.scoring import ModelSpec
 from loader.sources.writers import write_parquet
-from tests.helpers import rows_in, run_ranks
+from tests.helpers import blobs, rows_in, run_ranks
 
 KEEP = 0.2
-
-
-def blobs(rng: np.random.Generator, centroids: np.ndarray, rows: int) -> dict[str, np.ndarray]:
-    """Gaussian clusters, one per class: easy enough that a small reference model is right on
-    nearly every clean sample, so label noise shows up plainly in its loss."""
-    y = rng.integers(0, len(centroids), size=rows)
-    x = (centroids[y] + rng.normal(size=(rows, centroids.shape[1]))).astype(np.float32)
-    return {"x": x, "y": y.astype(np.int64)}
 
 
 @pytest.fixture(scope="module")

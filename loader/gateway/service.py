@@ -75,7 +75,7 @@ class LoaderService(pb_grpc.LoaderServicer):
         stats = await self.pipeline.stats(request.job)
         return pb.Stats(
             shards=[shard_info(r) for r in stats["shards"]],
-            jobs=[pb.JobInfo(**job) for job in stats["jobs"]],
+            jobs=[pb.JobInfo(**{**job, "clusters": [pb.ClusterInfo(**c) for c in job["clusters"]]}) for job in stats["jobs"]],
             trainers_connected=len(self.sessions),
             reference_scored_samples=stats["reference_scored_samples"],
             reference_scoring_seconds=stats["reference_scoring_seconds"],

@@ -17,8 +17,8 @@ import numpy as np
 from loader.curator import EndOfEpoch, Failed, JobSpec, Ready
 from loader.errors import ConfigError
 from loader.scoring import resolve_factory
-from loader.selection.options import SelectionOptions, parse_options
-from loader.selection.policies import POLICIES
+from loader.selection.options import SelectionOptions
+from loader.selection.policies import resolve
 from loader.v1 import loader_pb2 as pb
 
 log = logging.getLogger("loader.gateway")
@@ -46,14 +46,12 @@ def job_spec(hello: pb.Hello, default_policy: str, defaults: SelectionOptions) -
     if hello.batch_size < 1:
         raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"Hello.batch_size must be at least 1, got {hello.batch_size}")
     policy = hello.policy or default_policy
-    if policy not in POLICIES:
-        raise Abort(
-            grpc.StatusCode.INVALID_ARGUMENT, f"unknown policy {policy!r}; known: {', '.join(sorted(POLICIES))}"
-        )
     try:
-        options = parse_options(dict(hello.options), key="options", base=defaults)
+        options = resolve(policy, dict(hello.options), key="options", base=defaults)
     except ConfigError as exc:
         raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"Hello.{exc}") from None
+    except ValueError as exc:
+        raise Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
     if options.learner_loss == "snapshot":
         try:
             resolve_factory(options.learner, key="options.learner")

@@ -16,9 +16,10 @@ from collections.abc import Callable, Mapping
 from loader.errors import ConfigError
 from loader.selection.selectors import SELECTORS
 
-__all__ = ["SelectionOptions", "keep_count", "parse_options", "super_batch_size"]
+__all__ = ["SelectionOptions", "keep_count", "parse_options", "split_policy", "super_batch_size"]
 
 LEARNER_LOSSES = ("feedback", "snapshot")
+BANDIT_NAMES = ("none", "exp3", "ucb")
 # "package.module:factory", the factory possibly a dotted attribute path (Class.create).
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
@@ -33,6 +34,35 @@ class SelectionOptions:
     anneal_fraction: float = 0.875  # InfoBatch: from this fraction of total epochs on, no pruning
     learner: str = ""  # snapshot mode: import path "module:factory" of the learner
     learner_kwargs: str = "{}"  # JSON object of kwargs for that factory
+    # Cluster bandit composing super-batches by cluster quota: "none", "exp3" or "ucb".
+    bandit: str = "none"
+    gamma: float = 0.1  # bandit exploration: every arm keeps at least gamma / K
+    eta: float = 4.0  # bandit learning rate on rewards normalised to [-1, 1]
+    max_clusters: int = 32
+    # Diversity: scores lowered by lam * max cosine similarity to the memory and the batch so far.
+    diversity: float = 0.0
+    memory_size: int = 1024  # embeddings of recently served samples remembered (FIFO)
+    chunk: int = 32  # joint selection picks this many at a time, re-scoring in between
+
+    @property
+    def needs_embeddings(self) -> bool:
+        return self.bandit != "none" or self.diversity > 0
+
+
+# Suffixes of a composite policy name ("learnability+bandit+diversity") and what they switch on
+# when the options leave them off.
+FEATURES: dict[str, dict[str, object]] = {"bandit": {"bandit": "exp3"}, "diversity": {"diversity": 0.5}}
+
+
+def split_policy(name: str) -> tuple[str, dict[str, object]]:
+    """"learnability+bandit" -> ("learnability", {"bandit": "exp3"}); unknown suffixes raise."""
+    base, *features = name.split("+")
+    defaults: dict[str, object] = {}
+    for feature in features:
+        if feature not in FEATURES:
+            raise ValueError(f"unknown policy feature {feature!r} in {name!r}; known: {', '.join(FEATURES)}")
+        defaults.update(FEATURES[feature])
+    return base, defaults
 
 
 def parse_options(
@@ -51,6 +81,8 @@ def parse_options(
         except _Invalid as exc:
             raise ConfigError(f"{key}.{name}", str(exc)) from None
     options = dataclasses.replace(base, **changes)
+    if options.bandit != "none" and options.max_clusters < 1:
+        raise ConfigError(f"{key}.max_clusters", "a bandit needs at least one cluster")
     # Checked on the result, not on `values`: the learner may come from `base` and the mode from
     # `values`, or the other way round.
     if options.learner_loss == "snapshot" and not options.learner:
@@ -165,7 +197,42 @@ def _learner_kwargs(value: object) -> str:
     return text or "{}"
 
 
+def _bandit(value: object) -> str:
+    name = _text(value)
+    if name not in BANDIT_NAMES:
+        raise _Invalid(f"expected one of {', '.join(BANDIT_NAMES)}, got {name!r}")
+    return name
+
+
+def _unit_interval(value: object) -> float:
+    x = _number(value)
+    if not 0 <= x <= 1:
+        raise _Invalid(f"must be in [0, 1], got {value!r}")
+    return x
+
+
+def _non_negative(value: object) -> float:
+    x = _number(value)
+    if not (math.isfinite(x) and x >= 0):
+        raise _Invalid(f"must be finite and >= 0, got {value!r}")
+    return x
+
+
+def _positive_int(value: object) -> int:
+    x = _number(value)
+    if not (x.is_integer() and x >= 1):
+        raise _Invalid(f"must be a whole number >= 1, got {value!r}")
+    return int(x)
+
+
 _PARSERS: dict[str, Callable[[object], object]] = {
+    "bandit": _bandit,
+    "gamma": _unit_interval,
+    "eta": _non_negative,
+    "max_clusters": _positive_int,
+    "diversity": _non_negative,
+    "memory_size": _positive_int,
+    "chunk": _positive_int,
     "keep_ratio": _keep_ratio,
     "selector": _selector,
     "beta": _beta,

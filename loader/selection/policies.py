@@ -13,8 +13,9 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from loader.selection.diversity import EmbeddingMemory, select_diverse
 from loader.selection.infobatch import prune
-from loader.selection.options import SelectionOptions, super_batch_size
+from loader.selection.options import SelectionOptions, split_policy, super_batch_size
 from loader.selection.scores import easy_reference, learnability
 from loader.selection.selectors import get_selector
 from loader.selection.weights import importance_weights
@@ -39,10 +40,14 @@ class Policy(Protocol):
         n: int,
         rng: np.random.Generator,
         progress: float | None,
+        embeddings: np.ndarray | None = None,
+        memory: EmbeddingMemory | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(indices: k distinct int64 positions into the n candidates, weights: float32 [k], > 0).
 
         progress: fraction of training done, None when the trainer has not said.
+        embeddings, memory: candidates' unit embeddings and the job's memory of served ones;
+        policies with `diversity` > 0 lower scores by similarity to both.
         """
         ...
 
@@ -94,6 +99,8 @@ class Uniform(_Base):
         n: int,
         rng: np.random.Generator,
         progress: float | None = None,
+        embeddings: np.ndarray | None = None,
+        memory: EmbeddingMemory | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         self._losses(k, n, ref_loss, learner_loss)
         # Candidates arrive shuffled, so the first k are a uniform choice already.
@@ -122,6 +129,8 @@ class Loss(_Base):
         n: int,
         rng: np.random.Generator,
         progress: float | None = None,
+        embeddings: np.ndarray | None = None,
+        memory: EmbeddingMemory | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         self._losses(k, n, ref_loss, learner_loss)
         if progress is not None and progress >= self.options.anneal_fraction:
@@ -157,9 +166,18 @@ class _Scored(_Base):
         n: int,
         rng: np.random.Generator,
         progress: float | None = None,
+        embeddings: np.ndarray | None = None,
+        memory: EmbeddingMemory | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         self._losses(k, n, ref_loss, learner_loss)
-        choice = self._selector(self._scores(ref_loss, learner_loss), k, self.options.beta, rng)
+        scores = self._scores(ref_loss, learner_loss)
+        if self.options.diversity > 0:
+            if embeddings is None:
+                raise ValueError(f"policy {self.name!r} with diversity needs embeddings")
+            o = self.options
+            choice = select_diverse(scores, embeddings, k, memory, o.diversity, o.chunk, self._selector, o.beta, rng)
+        else:
+            choice = self._selector(scores, k, self.options.beta, rng)
         if self.options.selector == "topk":
             return choice.indices, np.ones(k, dtype=np.float32)
         return choice.indices, importance_weights(choice.probs, choice.indices)
@@ -197,8 +215,25 @@ POLICIES: dict[str, Callable[[SelectionOptions], Policy]] = {
 
 
 def make_policy(name: str, options: SelectionOptions = SelectionOptions()) -> Policy:
+    """The policy `name`; a composite name ("learnability+bandit") must come with options that
+    `split_policy` resolved (see `resolve`)."""
+    base, _ = split_policy(name)
     try:
-        factory = POLICIES[name]
+        factory = POLICIES[base]
     except (KeyError, TypeError):
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(sorted(POLICIES))}") from None
     return factory(options)
+
+
+def resolve(name: str, values: dict, key: str, base: SelectionOptions) -> SelectionOptions:
+    """Options of a job that asked for policy `name` with `values`: a composite name's features
+    switch their options on unless `values` sets them. Raises ValueError / ConfigError."""
+    from loader.selection.options import parse_options
+
+    policy, feature_defaults = split_policy(name)
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; known: {', '.join(sorted(POLICIES))}")
+    options = parse_options({**feature_defaults, **values}, key=key, base=base)
+    if options.needs_embeddings and policy in ("uniform",):
+        raise ValueError(f"policy {name!r}: bandit and diversity need a scored policy, not {policy!r}")
+    return options

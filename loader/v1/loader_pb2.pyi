@@ -135,7 +135,7 @@ class ShardInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., uri: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job", "policy", "world_size", "batch_size", "epoch", "batches_served", "samples_served", "feedback_samples", "samples_considered", "weight_pushes", "weights_step", "options", "learner_scored_samples", "learner_scoring_seconds")
+    __slots__ = ("job", "policy", "world_size", "batch_size", "epoch", "batches_served", "samples_served", "feedback_samples", "samples_considered", "weight_pushes", "weights_step", "options", "learner_scored_samples", "learner_scoring_seconds", "clusters")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,7 @@ class JobInfo(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     LEARNER_SCORED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     LEARNER_SCORING_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTERS_FIELD_NUMBER: _ClassVar[int]
     job: str
     policy: str
     world_size: int
@@ -171,7 +172,24 @@ class JobInfo(_message.Message):
     options: _containers.ScalarMap[str, str]
     learner_scored_samples: int
     learner_scoring_seconds: float
-    def __init__(self, job: _Optional[str] = ..., policy: _Optional[str] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., epoch: _Optional[int] = ..., batches_served: _Optional[int] = ..., samples_served: _Optional[int] = ..., feedback_samples: _Optional[int] = ..., samples_considered: _Optional[int] = ..., weight_pushes: _Optional[int] = ..., weights_step: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ..., learner_scored_samples: _Optional[int] = ..., learner_scoring_seconds: _Optional[float] = ...) -> None: ...
+    clusters: _containers.RepeatedCompositeFieldContainer[ClusterInfo]
+    def __init__(self, job: _Optional[str] = ..., policy: _Optional[str] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., epoch: _Optional[int] = ..., batches_served: _Optional[int] = ..., samples_served: _Optional[int] = ..., feedback_samples: _Optional[int] = ..., samples_considered: _Optional[int] = ..., weight_pushes: _Optional[int] = ..., weights_step: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ..., learner_scored_samples: _Optional[int] = ..., learner_scoring_seconds: _Optional[float] = ..., clusters: _Optional[_Iterable[_Union[ClusterInfo, _Mapping]]] = ...) -> None: ...
+
+class ClusterInfo(_message.Message):
+    __slots__ = ("id", "size", "weight", "reward", "served", "reference_loss")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    SERVED_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_LOSS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    size: int
+    weight: float
+    reward: float
+    served: int
+    reference_loss: float
+    def __init__(self, id: _Optional[int] = ..., size: _Optional[int] = ..., weight: _Optional[float] = ..., reward: _Optional[float] = ..., served: _Optional[int] = ..., reference_loss: _Optional[float] = ...) -> None: ...
 
 class Stats(_message.Message):
     __slots__ = ("shards", "jobs", "trainers_connected", "reference_scored_samples", "reference_scoring_seconds", "scorer_devices")

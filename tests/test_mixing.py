@@ -1,0 +1,88 @@
+"""Cluster bandit and diversity memory on real Ray and gRPC."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loader import RemoteLoader
+from loader.models import mlp
+from loader.reference import train_reference
+from loader.scoring import ModelSpec
+from loader.sources.writers import write_parquet
+from tests.helpers import blobs
+
+NOISE_SHARD = 4
+COPIES_SHARD = 5
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """Four shards of learnable blobs, one shard of pure noise inputs with random labels, one
+    shard of 64 exact copies of one easy sample; a reference trained on a clean holdout."""
+    root = tmp_path_factory.mktemp("mixing")
+    rng = np.random.default_rng(1)
+    centroids = rng.normal(size=(10, 40)).astype(np.float32) * 2
+    paths = []
+    for i in range(4):
+        paths.append(str(root / f"train-{i:06d}.parquet"))
+        write_parquet(paths[-1], blobs(rng, centroids, 256))
+    noise = {"x": (rng.normal(size=(256, 40)) * 6).astype(np.float32), "y": rng.integers(0, 10, 256)}
+    paths.append(str(root / f"train-{NOISE_SHARD:06d}.parquet"))
+    write_parquet(paths[-1], noise)
+    copies = {"x": np.repeat(centroids[3:4], 64, axis=0), "y": np.full(64, 3)}
+    paths.append(str(root / f"train-{COPIES_SHARD:06d}.parquet"))
+    write_parquet(paths[-1], copies)
+    holdout = str(root / "holdout-000000.parquet")
+    write_parquet(holdout, blobs(rng, centroids, 512))
+    weights = str(root / "ref.pt")
+    train_reference(ModelSpec("loader.models:mlp"), [holdout], weights, epochs=20, progress=False)
+    return paths, weights
+
+
+@pytest.fixture(scope="module")
+def service(serve, pool):
+    paths, weights = pool
+    return serve(paths, shuffle_rows=2048, reference={"factory": "loader.models:mlp", "weights": weights})
+
+
+def test_noise_cluster_loses_bandit_weight_within_bounded_steps(service):
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = RemoteLoader(service.address, job="bandit", batch_size=32, policy="learnability+bandit",
+                          options={"keep_ratio": 1.0, "max_clusters": 16})  # fmt: skip
+    for _ in range(2):  # 2 epochs of 44 batches: a bounded number of steps
+        noise_at = []  # batch positions of noise samples in the epoch
+        for step, batch in enumerate(loader):
+            losses = F.cross_entropy(model(batch["x"]), batch["y"], reduction="none")
+            losses.mean().backward()
+            opt.step()
+            opt.zero_grad()
+            loader.report(batch, losses)
+            noise_at += [step] * int((batch["_id"] >> 32 == NOISE_SHARD).sum())
+    clusters = list(loader.stats().jobs[0].clusters)
+    loader.close()
+    assert len(clusters) >= 3
+    junk = max(clusters, key=lambda c: c.reference_loss)  # the cluster of the noise inputs
+    uniform_weight = 1 / len(clusters)
+    assert junk.weight < 0.5 * uniform_weight, [(c.id, c.size, round(c.weight, 3), round(c.reference_loss, 2)) for c in clusters]
+    # Every cluster made of noise (the reference cannot fit it) is below a uniform share, and the
+    # noise is served later in the epoch than the average sample (keep ratio 1 serves it all).
+    noisy = [c for c in clusters if c.reference_loss > 3]
+    assert noisy and all(c.weight < uniform_weight for c in noisy)
+    assert np.mean(noise_at) > 0.5 * step, (np.mean(noise_at), step)
+    assert sum(c.weight for c in clusters) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("diversity, at_most, at_least", [(0.0, None, 10), (2.0, 1, 0)])
+def test_exact_duplicates_are_suppressed_while_remembered(service, diversity, at_most, at_least):
+    options = {"keep_ratio": 0.25, "diversity": diversity, "chunk": 1, "memory_size": 4096}
+    with RemoteLoader(service.address, job=f"diversity-{diversity}", batch_size=32, policy="easy_reference",
+                      options=options) as loader:  # fmt: skip
+        copies = sum(int((batch["_id"] >> 32 == COPIES_SHARD).sum()) for batch in loader)
+    if at_most is not None:
+        assert copies <= at_most
+    assert copies >= at_least
