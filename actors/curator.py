@@ -14,7 +14,7 @@ import numpy as np
 import ray
 from ray.exceptions import RayActorError
 
-from actors.scorer import learner_scorer
+from actors.routing import learner_scorer
 from loader.curator import Curator, CuratorSettings, Failed, JobSpec, Lookup, Materialize, Pending, Ready
 from loader.ids import shard_of
 from loader.reader import ReadResult, gather

@@ -16,7 +16,8 @@ from actors.curator import CuratorActor
 from actors.reader import ShardReaderActor
 from actors.registry import RegistryActor
 from actors.runtime import ensure_ray
-from actors.scorer import ScorerActor, learner_scorer
+from actors.routing import learner_scorer
+from actors.scorer import ScorerActor
 from loader.config import ServiceConfig
 from loader.curator import CuratorSettings, JobSpec
 from loader.errors import ConfigError, JobConflict

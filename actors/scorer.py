@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -77,7 +76,3 @@ class ScorerActor:
             "learner": {job: tuple(cost) for job, cost in self._learner_cost.items()},
         }
 
-
-def learner_scorer(scorers: list, job: str):
-    """The scorer that holds `job`'s learner snapshots; crc32 keeps the choice stable."""
-    return scorers[zlib.crc32(job.encode()) % len(scorers)]

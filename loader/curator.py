@@ -21,7 +21,6 @@ from loader.epoch import ClusteredShuffleBuffer, EpochAssembler, ShuffleBuffer
 from loader.pool import PoolIndex, UnknownSamples
 from loader.registry import ShardRecord
 from loader.selection.bandit import get_bandit, reward_from_feedback
-from loader.selection.clusters import OnlineClusters
 from loader.selection.diversity import EmbeddingMemory
 from loader.selection.options import SelectionOptions, keep_count
 from loader.selection.policies import make_policy
@@ -119,6 +118,8 @@ class Curator:
         # Bandit over clusters of reference embeddings (arms), and a memory of served embeddings.
         self.clusters = self.bandit = self.memory = None
         if options.bandit != "none":
+            from loader.selection.clusters import OnlineClusters  # scikit-learn: only when used
+
             self.clusters = OnlineClusters(max_clusters=options.max_clusters, seed=spec.seed)
             self.bandit = get_bandit(options.bandit)(gamma=options.gamma, eta=options.eta, seed=spec.seed)
         if options.diversity > 0:
@@ -204,7 +205,7 @@ class Curator:
         ids = candidates.column(codec.ID).to_numpy()
         ref_loss = self.pool.reference_loss(ids) if self.policy.needs_reference else None
         if self.policy.needs_learner and learner_loss is None:
-            learner_loss = fill_missing(self.pool.learner_loss(ids), self.pool.mean_learner_loss())
+            learner_loss = fill_missing(self.pool.learner_loss(ids), self.pool.unseen_learner_loss())
         progress = epoch / self.spec.total_epochs if self.spec.total_epochs else None
         k = keep_count(len(ids), self.super_batch, self.spec.batch_size)
         embeddings = self.pool.embedding(ids) if self.memory is not None else None

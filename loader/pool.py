@@ -10,6 +10,9 @@ import numpy as np
 from loader.ids import row_of, shard_of
 
 
+UNSEEN_LOSS_SMOOTHING = 0.1  # weight of each report's first-time losses in the moving average
+
+
 class UnknownSamples(ValueError):
     pass
 
@@ -26,10 +29,11 @@ class PoolIndex:
         # shard index -> cluster id per row (-1: not clustered)
         self._cluster: dict[int, np.ndarray] = {}
         self.feedback_samples = 0
-        # Running sums of the newest loss of every sample ever reported: the fallback learner loss
-        # of a sample that has not been reported yet.
-        self._loss_sum = 0.0
-        self._loss_count = 0
+        # The fallback learner loss of a sample never reported: a moving average of the losses
+        # samples had when first reported, i.e. of samples the learner had not trained on. (The
+        # mean over all reports falls towards 0 as the learner fits what it was served, which made
+        # unseen samples look learned and stopped them being selected.)
+        self._unseen_loss = float("nan")
 
     def ensure_shard(self, shard_index: int, rows: int) -> None:
         if shard_index not in self._learner_loss or len(self._learner_loss[shard_index]) != rows:
@@ -90,8 +94,8 @@ class PoolIndex:
             out[in_shard] = self._embedding[int(shard)][rows[in_shard]]
         return out
 
-    def mean_learner_loss(self) -> float:
-        return self._loss_sum / self._loss_count if self._loss_count else float("nan")
+    def unseen_learner_loss(self) -> float:
+        return self._unseen_loss
 
     def record_losses(self, ids: np.ndarray, losses: np.ndarray) -> None:
         """Stores each sample's latest learner loss; validates everything before changing anything."""
@@ -110,11 +114,11 @@ class PoolIndex:
         for shard in np.unique(shards):
             in_shard = shards == shard
             block, where = self._learner_loss[int(shard)], rows[in_shard]
-            old = block[where]
-            seen = ~np.isnan(old)
-            # Keep the running mean over each sample's newest loss: swap old values for new.
-            self._loss_sum += float(losses[in_shard].sum() - old[seen].sum())
-            self._loss_count += int((~seen).sum())
+            first = np.isnan(block[where])
+            if first.any():
+                fresh = float(losses[in_shard][first].mean())
+                a = UNSEEN_LOSS_SMOOTHING
+                self._unseen_loss = fresh if np.isnan(self._unseen_loss) else (1 - a) * self._unseen_loss + a * fresh
             block[where] = losses[in_shard]
             self._reported[int(shard)][where] += 1
         self.feedback_samples += reported

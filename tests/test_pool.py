@@ -139,3 +139,21 @@ def test_shape_mismatch_is_rejected(ids, losses) -> None:
 def test_unknown_samples_is_a_value_error() -> None:
     # Callers catch ValueError for every rejected report.
     assert issubclass(UnknownSamples, ValueError)
+
+
+def test_unseen_fallback_follows_first_reports_not_later_ones():
+    """A sample never reported is assumed as hard as samples were when first reported; later,
+    lower losses of already-trained samples must not make unseen samples look learned."""
+    from loader.pool import PoolIndex
+
+    pool = PoolIndex()
+    pool.ensure_shard(0, 4)
+    ids = make_ids(0, 4)
+    assert np.isnan(pool.unseen_learner_loss())
+    pool.record_losses(ids[:2], np.array([2.0, 2.0], np.float32))
+    assert pool.unseen_learner_loss() == pytest.approx(2.0)
+    for _ in range(20):  # the learner fits the two samples it was served
+        pool.record_losses(ids[:2], np.array([0.01, 0.01], np.float32))
+    assert pool.unseen_learner_loss() == pytest.approx(2.0)
+    pool.record_losses(ids[2:3], np.array([1.0], np.float32))  # a first report moves it
+    assert 1.0 < pool.unseen_learner_loss() < 2.0

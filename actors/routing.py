@@ -1,0 +1,10 @@
+"""Which actor handles what: pure functions, importable without torch (curators stay small)."""
+
+from __future__ import annotations
+
+import zlib
+
+
+def learner_scorer(scorers: list, job: str):
+    """The scorer that holds `job`'s learner snapshots; crc32 keeps the choice stable."""
+    return scorers[zlib.crc32(job.encode()) % len(scorers)]
