@@ -138,13 +138,6 @@ def _keep_ratio(value: object) -> float:
     return x
 
 
-def _beta(value: object) -> float:
-    x = _number(value)
-    if not (math.isfinite(x) and x >= 0):
-        raise _Invalid(f"must be finite and >= 0, got {value!r}")
-    return x
-
-
 def _prune_ratio(value: object) -> float:
     x = _number(value)
     if not 0 <= x < 1:
@@ -235,7 +228,7 @@ _PARSERS: dict[str, Callable[[object], object]] = {
     "chunk": _positive_int,
     "keep_ratio": _keep_ratio,
     "selector": _selector,
-    "beta": _beta,
+    "beta": _non_negative,
     "learner_loss": _learner_loss,
     "prune_ratio": _prune_ratio,
     "anneal_fraction": _anneal_fraction,
