@@ -74,14 +74,11 @@ def _train_reference(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    import grpc
     from google.protobuf import json_format
 
-    from loader.v1 import loader_pb2 as pb
-    from loader.v1 import loader_pb2_grpc as pb_grpc
+    from loader.client.admin import fetch_stats
 
-    with grpc.insecure_channel(args.address) as channel:
-        stats = pb_grpc.LoaderStub(channel).GetStats(pb.GetStatsRequest(job=args.job or ""), timeout=30)
+    stats = fetch_stats(args.address, job=args.job or "")
     print(json_format.MessageToJson(stats, always_print_fields_with_no_presence=True))
     return 0
 
