@@ -12,6 +12,7 @@ only until the rank acknowledges them.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -130,6 +131,8 @@ class Curator:
         self.batches_served = 0
         self.samples_served = 0
         self.samples_considered = 0
+        self.selection_seconds = 0.0
+        self.selections = 0
 
     # -- reading side ---------------------------------------------------------------------------
 
@@ -200,6 +203,7 @@ class Curator:
     def select(self, epoch: int, candidates: pa.Table, learner_loss: np.ndarray | None = None) -> None:
         """Keeps the policy's choice of `candidates` as the epoch's next batch; the rest of the
         super-batch is not served this epoch."""
+        started = time.perf_counter()
         run = self.epochs[epoch]
         run.selecting -= 1
         ids = candidates.column(codec.ID).to_numpy()
@@ -220,6 +224,8 @@ class Curator:
         if self.clusters is not None:
             served = np.bincount(self.pool.cluster_of(kept), minlength=self.clusters.num_clusters)
             self.served_per_cluster = _add_padded(self.served_per_cluster, served)
+        self.selection_seconds += time.perf_counter() - started
+        self.selections += 1
         run.payloads[len(run.ids)] = codec.encode(table.append_column(codec.WEIGHT, pa.array(weights)))
         run.ids.append(kept)
         run.weights.append(weights)
@@ -292,6 +298,8 @@ class Curator:
             "samples_served": self.samples_served,
             "feedback_samples": self.pool.feedback_samples,
             "samples_considered": self.samples_considered,
+            "selection_seconds": self.selection_seconds,
+            "selections": self.selections,
             "options": {k: str(v) for k, v in dataclasses.asdict(self.spec.options).items()},
             "clusters": self.cluster_stats(),
         }
