@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import re
+import time
 
 import numpy as np
 import ray
@@ -18,18 +20,28 @@ from actors.routing import learner_scorer
 from loader.curator import Curator, CuratorSettings, Failed, JobSpec, Lookup, Materialize, Pending, Ready
 from loader.ids import shard_of
 from loader.reader import ReadResult, gather
+from loader.state_store import StateStore, job_folder
 
 log = logging.getLogger("loader.curator")
 
 READ_ATTEMPTS = 3
+# How often what selection learned is written to state_dir (journals are written per batch).
+CHECKPOINT_EVERY_S = 30.0
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+# Ray restarts a dead curator and retries the calls that were in flight (all of them are safe to
+# repeat); the new one rebuilds itself from state_dir.
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class CuratorActor:
     def __init__(
-        self, spec: JobSpec, settings: CuratorSettings, registry, readers: list, scorers: list, prefetch: int
-    ) -> None:
-        self._core = Curator(spec, settings)
+        self, spec: JobSpec, settings: CuratorSettings, registry, readers: list, scorers: list, prefetch: int,
+        state_dir: str,
+    ) -> None:  # fmt: skip
+        self._store, self._folder = StateStore(state_dir), job_folder(spec.job)
+        self._core = Curator(spec, settings, journal=self._journal)
+        self._restore()
+        self._checkpointed = time.monotonic()
+        self._checkpointing: asyncio.Task | None = None
         self._registry, self._readers, self._scorers, self._prefetch = registry, readers, scorers, prefetch
         self._learner_scorer = learner_scorer(scorers, spec.job) if scorers else None
         self._feeders: dict[int, asyncio.Task] = {}
@@ -67,11 +79,46 @@ class CuratorActor:
     def ack(self, rank: int, epoch: int, seq: int) -> None:
         self._core.ack(rank, epoch, seq)
 
-    def feedback(self, ids: np.ndarray, losses: np.ndarray) -> str:
-        return self._core.feedback(ids, losses)
+    async def feedback(self, ids: np.ndarray, losses: np.ndarray) -> str:
+        reason = self._core.feedback(ids, losses)
+        self._checkpoint_if_due()
+        return reason
 
     def stats(self) -> dict:
         return self._core.stats()
+
+    # -- state_dir -------------------------------------------------------------------------------
+
+    def _journal(self, epoch: int, considered: np.ndarray, kept: np.ndarray, weights: np.ndarray) -> None:
+        self._store.append_batch(f"{self._folder}/epoch-{epoch}.log", considered, kept, weights)
+
+    def _restore(self) -> None:
+        state = self._store.load_arrays(f"{self._folder}/soft.npz")
+        if state is not None:
+            self._core.restore_state(state)
+        for name in self._store.list(self._folder, r"epoch-\d+\.log"):
+            epoch = int(re.search(r"(\d+)\.log$", name).group(1))
+            self._core.restore_epoch(epoch, self._store.read_batches(name))
+        if state is not None or self._core.epochs:
+            log.info("job %s restored: epochs %s", self._core.spec.job, sorted(self._core.epochs))
+
+    def _forget_journals(self) -> None:
+        for name in self._store.list(self._folder, r"epoch-\d+\.log"):
+            if int(re.search(r"(\d+)\.log$", name).group(1)) not in self._core.epochs:
+                self._store.remove(name)
+
+    async def checkpoint(self) -> None:
+        """Writes what selection has learned; the file write runs off the event loop."""
+        if self._checkpointing is not None:
+            await self._checkpointing
+        state = self._core.get_state()
+        self._checkpointed = time.monotonic()
+        await asyncio.to_thread(self._store.save_arrays, f"{self._folder}/soft.npz", state)
+
+    def _checkpoint_if_due(self) -> None:
+        busy = self._checkpointing is not None and not self._checkpointing.done()
+        if not busy and time.monotonic() - self._checkpointed >= CHECKPOINT_EVERY_S:
+            self._checkpointing = asyncio.get_running_loop().create_task(self.checkpoint())
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -99,6 +146,7 @@ class CuratorActor:
         try:
             shards = await self._registry.readable.remote()
             queue = collections.deque(self._core.start_epoch(epoch, shards))
+            self._forget_journals()
             await self._notify()
             inflight: set[asyncio.Task] = set()
             while queue or inflight:
@@ -114,8 +162,10 @@ class CuratorActor:
                     self._accept(epoch, *task.result())
                 await self._select(epoch)
                 await self._notify()
+                self._checkpoint_if_due()
             self._core.finish_reading(epoch)
             await self._select(epoch)
+            await self.checkpoint()
         except Exception as exc:  # a waiting trainer must hear about it rather than hang
             log.exception("epoch %d of job %s failed", epoch, self._core.spec.job)
             if epoch in self._core.epochs:

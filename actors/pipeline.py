@@ -7,8 +7,13 @@ The gateway talks to this object only; every method that reaches an actor return
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import ray
 
@@ -23,8 +28,10 @@ from loader.curator import CuratorSettings, JobSpec
 from loader.errors import ConfigError, JobConflict
 from loader.registry import ShardRecord
 from loader.scoring import ModelSpec, build_model
+from loader.selection.options import SelectionOptions
 from loader.selection.policies import make_policy
 from loader.sources import expand
+from loader.state_store import StateStore, job_folder
 
 log = logging.getLogger("loader.pipeline")
 
@@ -35,8 +42,14 @@ class Pipeline:
             build_model(config.reference)  # fail at start-up, naming the key, not in a scorer later
         ensure_ray(config.ray_address, config.num_cpus)
         self.config = config
+        # Without a state_dir, state still goes to a private folder for this service's lifetime:
+        # an actor that Ray restarts rebuilds itself from it. (Across nodes, state_dir must be a
+        # volume every node mounts at the same path.)
+        self._owns_state = config.state_dir is None
+        self.state_dir = tempfile.mkdtemp(prefix="loader-state-") if self._owns_state else os.path.abspath(config.state_dir)
+        self._store = StateStore(self.state_dir)
         self._settings = CuratorSettings(shuffle_rows=config.shuffle_rows, ready_batches=config.ready_batches)
-        self._registry = RegistryActor.remote()
+        self._registry = RegistryActor.remote(self.state_dir)
         self._readers = [ShardReaderActor.remote(config.reader_cache_mb << 20) for _ in range(config.readers)]
         # Scorers start with the first job that needs them: a uniform-only service never pays for
         # a model (and its worker process).
@@ -65,6 +78,11 @@ class Pipeline:
             if reason:
                 raise JobConflict(reason)
             return known[1]
+        saved = self._store.load_json(f"{job_folder(spec.job)}/spec.json")
+        if saved is not None:
+            reason = _spec_from_json(saved).conflict(spec)
+            if reason:
+                raise JobConflict(f"{reason} (as saved in {self.state_dir}; use another job name)")
         policy = make_policy(spec.policy, spec.options)
         needs_scores = policy.needs_reference or spec.options.needs_embeddings
         if needs_scores and self.config.reference is None:
@@ -72,8 +90,10 @@ class Pipeline:
         if needs_scores or policy.needs_learner:
             self._start_scorers()
         curator = CuratorActor.remote(
-            spec, self._settings, self._registry, self._readers, self._scorers, self.config.prefetch_shards
-        )
+            spec, self._settings, self._registry, self._readers, self._scorers, self.config.prefetch_shards,
+            self.state_dir,
+        )  # fmt: skip
+        self._store.save_json(f"{job_folder(spec.job)}/spec.json", dataclasses.asdict(spec))
         self._jobs[spec.job] = (spec, curator)
         return curator
 
@@ -95,7 +115,9 @@ class Pipeline:
         config = self.config
         gpus = config.scorer_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0
         self._scorers = [
-            ScorerActor.options(num_gpus=gpus).remote(config.reference, config.input_column, config.label_column)
+            ScorerActor.options(num_gpus=gpus).remote(
+                config.reference, config.input_column, config.label_column, self.state_dir
+            )
             for _ in range(config.scorers)
         ]
 
@@ -133,9 +155,21 @@ class Pipeline:
             "scorer_devices": [s["device"] for s in scorers],
         }
 
-    def shutdown(self) -> None:
-        for _, curator in self._jobs.values():
-            ray.kill(curator)
+    def shutdown(self, checkpoint_timeout_s: float = 30.0) -> None:
+        """Saves every job's selection state, then stops the actors."""
+        curators = [curator for _, curator in self._jobs.values()]
+        try:
+            ray.get([c.checkpoint.remote() for c in curators], timeout=checkpoint_timeout_s)
+        except Exception as exc:  # stopping must go on; the journals still hold every batch
+            log.warning("could not checkpoint every job before stopping: %r", exc)
+        for curator in curators:
+            ray.kill(curator, no_restart=True)
         for actor in [*self._readers, *self._scorers, self._registry]:
-            ray.kill(actor)
+            ray.kill(actor, no_restart=True)
         self._jobs.clear()
+        if self._owns_state:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def _spec_from_json(saved: dict) -> JobSpec:
+    return JobSpec(**{**saved, "options": SelectionOptions(**saved["options"])})

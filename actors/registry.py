@@ -7,15 +7,32 @@ import os
 
 import ray
 
-from loader.registry import ShardRecord, ShardRegistry
+from loader.registry import PENDING, QUARANTINED, ShardRecord, ShardRegistry
+from loader.state_store import StateStore
 
 log = logging.getLogger("loader.registry")
+
+REGISTRY_FILE = "registry.json"
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
 class RegistryActor:
-    def __init__(self) -> None:
-        self._registry = ShardRegistry()
+    def __init__(self, state_dir: str | None = None) -> None:
+        self._store = StateStore(state_dir) if state_dir else None
+        saved = self._store.load_json(REGISTRY_FILE) if self._store is not None else None
+        if saved is None:
+            self._registry = ShardRegistry()
+        else:
+            # Indices stay (sample ids depend on them); a restart gives quarantined shards another
+            # try, since the operator may have fixed them in the meantime.
+            for record in saved["records"]:
+                if record["state"] == QUARANTINED:
+                    record.update(state=PENDING, reason="", rows=0)
+            self._registry = ShardRegistry.from_state(saved)
+
+    def _save(self) -> None:
+        if self._store is not None:
+            self._store.save_json(REGISTRY_FILE, self._registry.get_state())
 
     def add(self, uris: list[str]) -> list[ShardRecord]:
         """Registers URIs; a local file that does not exist is quarantined at once, so the
@@ -23,16 +40,21 @@ class RegistryActor:
         for record in self._registry.add(uris):
             if record.state == "pending" and "://" not in record.uri and not os.path.exists(record.uri):
                 self.quarantine(record.index, "not found")
+        self._save()
         return self._registry.records_of(uris)
 
     def mark_read(self, index: int, rows: int) -> None:
+        before = self._registry.record(index)
         self._registry.mark_read(index, rows)
+        if (before.state, before.rows) != (self._registry.record(index).state, rows):
+            self._save()
 
     def quarantine(self, index: int, reason: str) -> None:
-        record = self._registry.records()[index]
-        if record.state != "quarantined":
+        record = self._registry.record(index)
+        if record.state != QUARANTINED:
             log.error("quarantined shard %s: %s", record.uri, reason)
         self._registry.quarantine(index, reason)
+        self._save()
 
     def readable(self) -> list[ShardRecord]:
         return self._registry.readable()

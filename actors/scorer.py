@@ -12,16 +12,21 @@ import ray
 
 from loader.reader import ReadResult
 from loader.scoring import ModelSpec, best_device, build_model, inputs_from_table, learner_losses, load_state_bytes, reference_scores
+from loader.state_store import StateStore
 
 log = logging.getLogger("loader.scorer")
 
 
 @ray.remote(num_cpus=0.25, max_restarts=-1)
 class ScorerActor:
-    def __init__(self, reference: ModelSpec | None, input_column: str, label_column: str) -> None:
+    def __init__(
+        self, reference: ModelSpec | None, input_column: str, label_column: str, state_dir: str | None = None
+    ) -> None:
         self._device = best_device()
         self._columns = (input_column, label_column)
         self._reference = build_model(reference, self._device) if reference is not None else None
+        self._fingerprint = reference.fingerprint() if reference is not None else ""
+        self._store = StateStore(state_dir) if state_dir else None
         # Shard index -> (reference loss, embedding): score once, serve every epoch and job.
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         # Job -> (learner spec, model, step of the newest snapshot).
@@ -35,16 +40,35 @@ class ScorerActor:
         return str(self._device)
 
     def score(self, result: ReadResult) -> tuple[np.ndarray, np.ndarray]:
-        cached = self._cache.get(result.index)
+        cached = self._cache.get(result.index) or self._saved(result)
         if cached is None:
             if self._reference is None:
                 raise RuntimeError("this service has no reference model (set `reference` in its config)")
             started = time.perf_counter()
             inputs, labels = inputs_from_table(result.table, *self._columns)
-            cached = self._cache[result.index] = reference_scores(self._reference, inputs, labels, device=self._device)
+            cached = reference_scores(self._reference, inputs, labels, device=self._device)
             self._reference_seconds += time.perf_counter() - started
             self._reference_samples += len(labels)
+            if self._store is not None:
+                self._store.save_arrays(self._score_file(result.index), {
+                    "uri": np.array(result.uri), "model": np.array(self._fingerprint),
+                    "ref_loss": cached[0], "embedding": cached[1],
+                })  # fmt: skip
+        self._cache[result.index] = cached
         return cached
+
+    @staticmethod
+    def _score_file(index: int) -> str:
+        return f"scores/{index}.npz"
+
+    def _saved(self, result: ReadResult) -> tuple[np.ndarray, np.ndarray] | None:
+        """Scores of this shard from state_dir, if the same model scored the same shard."""
+        saved = self._store.load_arrays(self._score_file(result.index)) if self._store is not None else None
+        if saved is None or str(saved["uri"]) != result.uri or str(saved["model"]) != self._fingerprint:
+            return None
+        if result.table is not None and len(saved["ref_loss"]) != result.table.num_rows:
+            return None
+        return saved["ref_loss"], saved["embedding"]
 
     def set_learner(self, job: str, spec: ModelSpec, weights: bytes, step: int) -> int:
         known = self._learners.get(job)

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 
 from loader import codec
 from loader.epoch import ClusteredShuffleBuffer, EpochAssembler, ShuffleBuffer
+from loader.ids import shard_of
 from loader.pool import PoolIndex, UnknownSamples
 from loader.registry import ShardRecord
 from loader.selection.bandit import get_bandit, reward_from_feedback
@@ -104,11 +106,20 @@ class EpochRun:
     error: str = ""
     # Super-batches taken for selection but not selected yet (snapshot mode awaits a scorer).
     selecting: int = 0
+    # A run restored from a journal: sorted ids already considered, which reading must skip.
+    skip: np.ndarray | None = None
+    started: bool = True
+
+
+# Called with (epoch, candidate ids, kept ids, weights) for every batch before it can be served.
+Journal = Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]
 
 
 class Curator:
-    def __init__(self, spec: JobSpec, settings: CuratorSettings = CuratorSettings()) -> None:
-        self.spec, self.settings = spec, settings
+    def __init__(
+        self, spec: JobSpec, settings: CuratorSettings = CuratorSettings(), journal: Journal | None = None
+    ) -> None:
+        self.spec, self.settings, self.journal = spec, settings, journal
         self.policy = make_policy(spec.policy, spec.options)
         self.super_batch = self.policy.super_batch(spec.batch_size)
         # Snapshot mode gets learner losses from a scorer, asynchronously, per super-batch.
@@ -137,23 +148,52 @@ class Curator:
     # -- reading side ---------------------------------------------------------------------------
 
     def start_epoch(self, epoch: int, shards: list[ShardRecord]) -> list[ShardRecord]:
-        """Creates the epoch and returns its shards in the order to read them."""
-        if epoch in self.epochs:
+        """Creates the epoch (or goes on with one restored from its journal) and returns its
+        shards in the order to read them."""
+        run = self.epochs.get(epoch)
+        if run is not None and run.started:
             raise RuntimeError(f"epoch {epoch} already started")
-        seed = np.random.SeedSequence([self.spec.seed, epoch])
-        rng = np.random.default_rng(seed)
+        if run is None:
+            run = self.epochs[epoch] = self._new_run(epoch)
+        run.started = True
+        self._forget_old_epochs(epoch)
+        order = [shards[i] for i in self._shard_rng(epoch).permutation(len(shards))]
+        if run.skip is None:
+            return order
+        # Shards whose every row was considered before the restart need no second read.
+        done = np.bincount(shard_of(run.skip), minlength=max((s.index for s in shards), default=0) + 1)
+        return [s for s in order if not (s.rows and done[s.index] >= s.rows)]
+
+    def restore_epoch(self, epoch: int, batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        """Rebuilds an epoch from its journal (candidates, kept ids, weights per batch): those
+        batches are served again from their ids, and reading skips every candidate in them."""
+        run = self._new_run(epoch)
+        run.started = False
+        for _, kept, weights in batches:
+            run.ids.append(kept)
+            run.weights.append(weights)
+        considered = [c for c, _, _ in batches]
+        run.skip = np.sort(np.concatenate(considered)) if considered else np.zeros(0, np.int64)
+        run.assembler.emitted = len(batches)
+        self.epochs[epoch] = run
+
+    def _new_run(self, epoch: int) -> EpochRun:
+        rng = np.random.default_rng(np.random.SeedSequence([self.spec.seed, epoch, 1]))
         assembler = EpochAssembler(
             self.super_batch, self.spec.world_size, self.settings.shuffle_rows, int(rng.integers(2**63)),
             buffer=self._buffer,
         )  # fmt: skip
-        self.epochs[epoch] = EpochRun(assembler, np.random.default_rng(rng.integers(2**63)))
-        self._forget_old_epochs(epoch)
-        return [shards[i] for i in rng.permutation(len(shards))]
+        return EpochRun(assembler, np.random.default_rng(rng.integers(2**63)))
+
+    def _shard_rng(self, epoch: int) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([self.spec.seed, epoch, 0]))
 
     def _buffer(self, rng: np.random.Generator) -> ShuffleBuffer | ClusteredShuffleBuffer:
         if self.bandit is None:
             return ShuffleBuffer(rng)
-        return ClusteredShuffleBuffer(rng, self.pool.cluster_of, self.bandit.quotas)
+        # Late-bound: restore_state replaces the pool and the bandit objects.
+        return ClusteredShuffleBuffer(rng, lambda ids: self.pool.cluster_of(ids),
+                                      lambda k, counts: self.bandit.quotas(k, counts))  # fmt: skip
 
     def add_shard(
         self, epoch: int, index: int, table: pa.Table, scores: tuple[np.ndarray, np.ndarray] | None = None
@@ -170,8 +210,11 @@ class Curator:
         self.pool.ensure_shard(index, table.num_rows)
         if scores is not None and not self.pool.has_scores(index):
             self.pool.set_scores(index, *scores)
-            if self.clusters is not None:
+            # Ids restored from a checkpoint stay: re-assigning would move them and the centroids.
+            if self.clusters is not None and not self.pool.has_clusters(index):
                 self.pool.set_clusters(index, self.clusters.assign(scores[1]))
+        if run.skip is not None and len(run.skip):
+            table = table.filter(pa.array(~np.isin(table.column(codec.ID).to_numpy(), run.skip)))
         run.assembler.add(table)
         if not self.needs_snapshot:
             self.collect(epoch)
@@ -226,6 +269,8 @@ class Curator:
             self.served_per_cluster = _add_padded(self.served_per_cluster, served)
         self.selection_seconds += time.perf_counter() - started
         self.selections += 1
+        if self.journal is not None:
+            self.journal(epoch, ids, kept, weights)
         run.payloads[len(run.ids)] = codec.encode(table.append_column(codec.WEIGHT, pa.array(weights)))
         run.ids.append(kept)
         run.weights.append(weights)
@@ -303,6 +348,39 @@ class Curator:
             "options": {k: str(v) for k, v in dataclasses.asdict(self.spec.options).items()},
             "clusters": self.cluster_stats(),
         }
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """What selection has learned, as flat numpy arrays: learner losses, cluster ids and
+        centroids, bandit, memory, counters. Epoch ledgers are not here: journals keep those."""
+        parts = {"pool": self.pool.get_state()}
+        for name in ("clusters", "bandit", "memory"):
+            if getattr(self, name) is not None:
+                parts[name] = getattr(self, name).get_state()
+        state = {f"{part}.{key}": value for part, values in parts.items() for key, value in values.items()}
+        state["served_per_cluster"] = self.served_per_cluster.copy()
+        for name in ("batches_served", "samples_served", "samples_considered", "selections"):
+            state[name] = np.array(getattr(self, name), np.int64)
+        state["selection_seconds"] = np.array(self.selection_seconds, np.float64)
+        return state
+
+    def restore_state(self, state: dict[str, np.ndarray]) -> None:
+        """The inverse of get_state, into a curator built from the same JobSpec."""
+        parts: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in state.items():
+            part, _, name = key.partition(".")
+            if name:
+                parts.setdefault(part, {})[name] = value
+        self.pool = PoolIndex.from_state(parts["pool"])
+        if self.clusters is not None and "clusters" in parts:
+            self.clusters = type(self.clusters).from_state(parts["clusters"])
+        if self.bandit is not None and "bandit" in parts:
+            self.bandit = type(self.bandit).from_state(parts["bandit"])
+        if self.memory is not None and "memory" in parts:
+            self.memory = EmbeddingMemory.from_state(parts["memory"])
+        self.served_per_cluster = np.asarray(state["served_per_cluster"], np.int64)
+        for name in ("batches_served", "samples_served", "samples_considered", "selections"):
+            setattr(self, name, int(state[name]))
+        self.selection_seconds = float(state["selection_seconds"])
 
     def cluster_stats(self) -> list[dict]:
         """Per cluster: pool members, bandit weight, its reward estimate, batches' samples served."""

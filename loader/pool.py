@@ -63,6 +63,9 @@ class PoolIndex:
         self._ref_loss[shard_index] = np.asarray(ref_loss, dtype=np.float32)
         self._embedding[shard_index] = np.asarray(embedding, dtype=np.float16)
 
+    def has_clusters(self, shard_index: int) -> bool:
+        return shard_index in self._cluster
+
     def set_clusters(self, shard_index: int, clusters: np.ndarray) -> None:
         self._cluster[shard_index] = np.asarray(clusters, dtype=np.int32)
 
@@ -71,15 +74,20 @@ class PoolIndex:
 
     def cluster_sizes(self) -> tuple[np.ndarray, np.ndarray]:
         """Members per cluster id and their mean reference loss."""
-        shards = [s for s in self._cluster if s in self._ref_loss]
-        if not shards:
+        if not self._cluster:
             return np.zeros(0, np.int64), np.zeros(0)
-        ids = np.concatenate([self._cluster[s] for s in shards])
-        ref = np.concatenate([self._ref_loss[s] for s in shards])
+        ids = np.concatenate(list(self._cluster.values()))
+        sizes = np.bincount(ids[ids >= 0])
+        # After a restart, reference scores return shard by shard as shards are read again.
+        scored = [s for s in self._cluster if s in self._ref_loss]
+        if not scored:
+            return sizes, np.zeros(len(sizes))
+        ids = np.concatenate([self._cluster[s] for s in scored])
+        ref = np.concatenate([self._ref_loss[s] for s in scored])
         ok = ids >= 0
-        sizes = np.bincount(ids[ok])
+        counts = np.bincount(ids[ok], minlength=len(sizes))
         sums = np.bincount(ids[ok], weights=ref[ok], minlength=len(sizes))
-        return sizes, np.divide(sums, sizes, out=np.zeros(len(sizes)), where=sizes > 0)
+        return sizes, np.divide(sums, counts, out=np.zeros(len(sizes)), where=counts > 0)
 
     def reference_loss(self, ids: np.ndarray) -> np.ndarray:
         return self._gather(self._ref_loss, ids)
@@ -135,3 +143,36 @@ class PoolIndex:
             in_shard = shards == shard
             out[in_shard] = columns[int(shard)][rows[in_shard]]
         return out
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Learner losses and cluster ids as flat arrays (np.savez can store them). Reference
+        scores are left out: the scorers keep those, once per shard, for every job."""
+        shards = sorted(self._learner_loss)
+        blank = np.zeros(0, np.int32)
+        return {
+            "shards": np.array(shards, np.int64),
+            "rows": np.array([len(self._learner_loss[s]) for s in shards], np.int64),
+            "learner_loss": np.concatenate([self._learner_loss[s] for s in shards] or [np.zeros(0, np.float32)]),
+            "reported": np.concatenate([self._reported[s] for s in shards] or [np.zeros(0, np.uint32)]),
+            "clustered": np.array([s in self._cluster for s in shards], bool),
+            "cluster": np.concatenate([self._cluster.get(s, np.full(len(self._learner_loss[s]), -1, np.int32))
+                                       for s in shards] or [blank]),  # fmt: skip
+            "unseen_loss": np.array(self._unseen_loss, np.float64),
+            "feedback_samples": np.array(self.feedback_samples, np.int64),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> "PoolIndex":
+        pool = cls()
+        bounds = np.concatenate([[0], np.cumsum(state["rows"])])
+        if bounds[-1] != len(state["learner_loss"]) or len(state["cluster"]) != bounds[-1]:
+            raise ValueError(f"inconsistent pool state: {bounds[-1]} rows but {len(state['learner_loss'])} losses")
+        for i, shard in enumerate(state["shards"].tolist()):
+            part = slice(bounds[i], bounds[i + 1])
+            pool._learner_loss[shard] = state["learner_loss"][part].astype(np.float32)
+            pool._reported[shard] = state["reported"][part].astype(np.uint32)
+            if state["clustered"][i]:
+                pool._cluster[shard] = state["cluster"][part].astype(np.int32)
+        pool._unseen_loss = float(state["unseen_loss"])
+        pool.feedback_samples = int(state["feedback_samples"])
+        return pool

@@ -51,6 +51,9 @@ class ShardRegistry:
     def records_of(self, uris: Iterable[str]) -> list[ShardRecord]:
         return [dataclasses.replace(self._records[self._by_uri[u]]) for u in uris]
 
+    def record(self, index: int) -> ShardRecord:
+        return dataclasses.replace(self._records[index])
+
     def records(self) -> list[ShardRecord]:
         return [dataclasses.replace(r) for r in self._records]
 

@@ -103,6 +103,15 @@ class ModelSpec:
             weights = os.path.abspath(os.path.expanduser(weights))
         return cls(factory=factory.strip(), kwargs=tuple(sorted(kwargs)), weights=weights)
 
+    def fingerprint(self) -> str:
+        """Changes when the model would: its factory, arguments, or weights file (size, mtime).
+        Scores saved under one fingerprint are not reused under another."""
+        weights = ""
+        if self.weights is not None and os.path.exists(self.weights):
+            stat = os.stat(self.weights)
+            weights = f"{self.weights}:{stat.st_size}:{stat.st_mtime_ns}"
+        return f"{self.factory}|{self.kwargs!r}|{weights}"
+
 
 def _cwd_importable() -> None:
     # `loader serve` is a console script (sys.path[0] is the venv's bin, not the cwd), and a Ray

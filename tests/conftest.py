@@ -39,6 +39,14 @@ class RunningService:
     address: str
     pipeline: object
     gateway: object
+    stopped: bool = False
+
+    def stop(self) -> None:
+        """Stops the gateway, then the pipeline (which saves its state); only the first call acts."""
+        if not self.stopped:
+            self.stopped = True
+            self.gateway.stop()
+            self.pipeline.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -60,5 +68,4 @@ def serve(ray_session):
 
     yield start
     for service in running:
-        service.gateway.stop()
-        service.pipeline.shutdown()
+        service.stop()
