@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import pathlib
 import signal
 import sys
 
@@ -76,11 +78,54 @@ def _train_reference(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
-    from loader.client.admin import fetch_stats
+    from loader.client.admin import ServiceCallError, fetch_stats
 
-    stats = fetch_stats(args.address, job=args.job or "")
+    try:
+        stats = fetch_stats(args.address, job=args.job or "", token=_client_token(args), tls=_client_tls(args))
+    except ServiceCallError as exc:
+        print(f"loader: stats from {args.address}: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # a token or TLS setting the client cannot use
+        print(f"loader: stats: {exc}", file=sys.stderr)
+        return 2
     print(json_format.MessageToJson(stats, always_print_fields_with_no_presence=True))
     return 0
+
+
+def _client_token(args: argparse.Namespace) -> str | None:
+    # No --token flag: a secret on the command line shows in `ps` and shell history.
+    if args.token_file is None:
+        return None  # the client falls back to $LOADER_TOKEN
+    try:
+        token = pathlib.Path(args.token_file).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not ASCII text"
+        raise ConfigError("--token-file", f"cannot read {args.token_file!r}: {reason}") from None
+    if not token:
+        raise ConfigError("--token-file", f"{args.token_file!r} is empty")
+    return token
+
+
+def _client_tls(args: argparse.Namespace):
+    from loader.client import TLS
+
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name):
+        return None
+    for flag, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(flag, f"file {path!r} not found")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("--tls-key" if args.tls_key is None else "--tls-cert", "--tls-cert and --tls-key go together")
+    return TLS(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
+
+
+def _add_client_security(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token-file", help="file holding the service's bearer token (default: $LOADER_TOKEN)")
+    p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    p.add_argument("--tls-ca", help="PEM file of the CA that signed the server's certificate (implies --tls)")
+    p.add_argument("--tls-cert", help="client certificate PEM, for a server that requires mutual TLS")
+    p.add_argument("--tls-key", help="the client certificate's private key PEM")
+    p.add_argument("--tls-server-name", help="name to check the server's certificate against, if not the host")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -125,6 +170,7 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("stats", help="print the service's shard and job statistics as JSON")
     t.add_argument("--address", required=True)
     t.add_argument("--job")
+    _add_client_security(t)
     t.set_defaults(func=_stats)
 
     d = sub.add_parser("demo", help="noisy MNIST-1D: train uniform vs curated through RemoteLoader")

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import os
 import pathlib
-from typing import Any
+from typing import Any, Mapping
 
 import yaml
 
 from loader.errors import ConfigError
+
+
+TOKEN_ENV = "LOADER_TOKEN"
+
+
+@dataclasses.dataclass(frozen=True)
+class TLSConfig:
+    """PEM files of the server's TLS identity; `client_ca` set means mutual TLS."""
+
+    cert: str
+    key: str
+    # Clients must present a certificate signed by this CA; None: any client may connect.
+    client_ca: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +65,11 @@ class ServiceConfig:
     # Defaults for curated policies: keep_ratio, selector, beta, learner_loss, ...; a trainer's
     # Hello options override them per job.
     selection: Any = dataclasses.field(default_factory=lambda: _default_selection())
+    # A file holding the bearer token every RPC but health must carry. Only the path lives here,
+    # so the secret never travels with the config (to Ray actors, into logs or reprs).
+    token_file: str | None = None
+    # TLS for the gRPC port; None serves plaintext.
+    tls: TLSConfig | None = None
 
     @property
     def input_column(self) -> str:
@@ -146,6 +166,14 @@ def _normalise(key: str, value: Any) -> Any:
         if not 0 <= value <= 1:
             raise ConfigError(key, f"must be between 0 and 1, got {value}")
         return float(value)
+    if key == "token_file":
+        if value is None:
+            return None
+        _check_type(key, value, str)
+        _token_from_file(value)
+        return value
+    if key == "tls":
+        return None if value is None else _tls(value)
     if key == "default_policy":
         _check_type(key, value, str)
         from loader.selection.policies import POLICIES
@@ -156,11 +184,86 @@ def _normalise(key: str, value: Any) -> Any:
     return value
 
 
+def _read_file(key: str, path: str) -> bytes:
+    try:
+        return pathlib.Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(key, f"file {path!r} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(key, f"{path!r} is a directory, expected a file") from None
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path!r}: {exc.strerror}") from None
+
+
+def _checked_token(key: str, token: str) -> str:
+    # The messages never quote the token: they end up in logs and terminals.
+    if not token:
+        raise ConfigError(key, "is empty; give it a token, or remove it to run without authentication")
+    if not all("!" <= ch <= "~" for ch in token):
+        raise ConfigError(key, "the token must be printable ASCII without spaces (it travels in an HTTP/2 header)")
+    return token
+
+
+def _token_from_file(path: str) -> str:
+    try:
+        text = _read_file("token_file", path).decode("ascii")
+    except UnicodeDecodeError:
+        raise ConfigError("token_file", "the token must be printable ASCII without spaces") from None
+    return _checked_token("token_file", text.strip())
+
+
+def _tls(value: Any) -> TLSConfig:
+    if not isinstance(value, dict):
+        raise ConfigError("tls", f"expected a mapping of cert, key and optional client_ca, got {type(value).__name__}")
+    known = ("cert", "key", "client_ca")
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise ConfigError(f"tls.{unknown[0]}", f"unknown key; known keys: {', '.join(known)}")
+    for name, what in (("cert", "certificate (chain)"), ("key", "private key")):
+        if value.get(name) is None:
+            raise ConfigError(f"tls.{name}", f"required: the PEM file of the server's {what}")
+    for name in known:
+        path = value.get(name)
+        if path is None:
+            continue
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"tls.{name}", f"expected a path to a PEM file, got {path!r}")
+        if b"-----BEGIN " not in _read_file(f"tls.{name}", path):
+            raise ConfigError(f"tls.{name}", f"{path!r} is not a PEM file (no -----BEGIN line)")
+    return TLSConfig(cert=value["cert"], key=value["key"], client_ca=value.get("client_ca"))
+
+
+def read_token(config: ServiceConfig, environ: Mapping[str, str] | None = None) -> str | None:
+    """The bearer token the service requires: `token_file`'s stripped content, else $LOADER_TOKEN,
+    else None (no authentication). A set but blank $LOADER_TOKEN is an error rather than "no auth":
+    it is what a Secret with a missing key looks like, and failing open would expose the data."""
+    if config.token_file is not None:
+        return _token_from_file(config.token_file)
+    environ = os.environ if environ is None else environ
+    if TOKEN_ENV not in environ:
+        return None
+    return _checked_token(f"${TOKEN_ENV}", environ[TOKEN_ENV].strip())
+
+
 def parse_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError("address", f"expected HOST:PORT with a port from 0 to 65535, got {address!r}")
     return host, int(port)
+
+
+def is_loopback(address: str) -> bool:
+    """True when HOST:PORT (or a unix: target) stays on this machine."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = address.rpartition(":")[0] if ":" in address else address
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def from_mapping(values: dict[str, Any], source: str = "config") -> ServiceConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loader.config import ServiceConfig, from_mapping, load, parse_address
+from loader.config import ServiceConfig, TLSConfig, from_mapping, is_loopback, load, parse_address, read_token
 from loader.errors import ConfigError
 
 SHARDS = {"shards": ["data/train-*.tar"]}
@@ -194,3 +194,117 @@ def test_from_mapping_rejects_a_non_mapping() -> None:
     with pytest.raises(ConfigError) as info:
         from_mapping(["shards"], source="env")  # type: ignore[arg-type]
     assert info.value.key == "env"
+
+
+# -- token and TLS ---------------------------------------------------------------------------------
+
+PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
+@pytest.fixture
+def pem_files(tmp_path):
+    paths = {}
+    for name in ("cert", "key", "client_ca"):
+        paths[name] = tmp_path / f"{name}.pem"
+        paths[name].write_text(PEM)
+    return {name: str(path) for name, path in paths.items()}
+
+
+def test_no_token_and_no_tls_by_default() -> None:
+    config = load(None, SHARDS)
+    assert config.token_file is None and config.tls is None
+    assert read_token(config, environ={}) is None
+
+
+def test_token_file_is_read_stripped_and_kept_out_of_the_config(tmp_path) -> None:
+    path = tmp_path / "token"
+    path.write_text("  s3cret-value\n")
+    config = load(None, {**SHARDS, "token_file": str(path)})
+    assert config.token_file == str(path)
+    assert "s3cret-value" not in repr(config)  # only the path travels (to actors, into logs)
+    assert read_token(config, environ={}) == "s3cret-value"
+
+
+def test_token_file_beats_the_environment(tmp_path) -> None:
+    path = tmp_path / "token"
+    path.write_text("from-file")
+    config = load(None, {**SHARDS, "token_file": str(path)})
+    assert read_token(config, environ={"LOADER_TOKEN": "from-env"}) == "from-file"
+
+
+def test_token_from_the_environment() -> None:
+    config = load(None, SHARDS)
+    assert read_token(config, environ={"LOADER_TOKEN": " from-env\n"}) == "from-env"
+
+
+@pytest.mark.parametrize("value", ["", "   ", "two words"])
+def test_unusable_token_in_the_environment_is_refused(value) -> None:
+    with pytest.raises(ConfigError) as info:
+        read_token(load(None, SHARDS), environ={"LOADER_TOKEN": value})
+    assert info.value.key == "$LOADER_TOKEN"
+    if value.strip():
+        assert value not in str(info.value)  # a secret is never echoed
+
+
+@pytest.mark.parametrize("content", [b"", b"\n  \n", b"has space", "t\u00f6ken".encode()])
+def test_unusable_token_file_names_the_key_without_echoing_it(tmp_path, content) -> None:
+    path = tmp_path / "token"
+    path.write_bytes(content)
+    error = error_key({"token_file": str(path)})
+    assert error.key == "token_file"
+    if content.strip():
+        assert content.decode() not in str(error)
+
+
+def test_missing_token_file_or_a_directory_names_the_key(tmp_path) -> None:
+    error = error_key({"token_file": str(tmp_path / "absent")})
+    assert error.key == "token_file" and "not found" in error.problem
+    assert error_key({"token_file": str(tmp_path)}).key == "token_file"
+    assert error_key({"token_file": 7}).key == "token_file"
+
+
+def test_tls_mapping(pem_files) -> None:
+    config = load(None, {**SHARDS, "tls": pem_files})
+    assert config.tls == TLSConfig(cert=pem_files["cert"], key=pem_files["key"], client_ca=pem_files["client_ca"])
+    one_way = load(None, {**SHARDS, "tls": {"cert": pem_files["cert"], "key": pem_files["key"]}})
+    assert one_way.tls.client_ca is None
+
+
+def test_tls_in_a_yaml_file(tmp_path, pem_files) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"shards: [a.tar]\ntls:\n  cert: {pem_files['cert']}\n  key: {pem_files['key']}\n")
+    assert load(path).tls.cert == pem_files["cert"]
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"cert": None}, "tls.cert"),
+        ({"key": None}, "tls.key"),
+        ({"cert": "/no/such/cert.pem"}, "tls.cert"),
+        ({"client_ca": "/no/such/ca.pem"}, "tls.client_ca"),
+        ({"key": ""}, "tls.key"),
+        ({"key": 5}, "tls.key"),
+        ({"ca": "x"}, "tls.ca"),
+    ],
+)
+def test_bad_tls_settings_name_their_key(pem_files, change, key) -> None:
+    tls = {k: v for k, v in {**pem_files, **change}.items() if v is not None}
+    assert error_key({"tls": tls}).key == key
+
+
+def test_tls_must_be_a_mapping_of_pem_files(tmp_path, pem_files) -> None:
+    assert error_key({"tls": "on"}).key == "tls"
+    not_pem = tmp_path / "key.der"
+    not_pem.write_bytes(b"\x30\x82\x01\x0a")
+    error = error_key({"tls": {**pem_files, "key": str(not_pem)}})
+    assert error.key == "tls.key" and "PEM" in error.problem
+
+
+@pytest.mark.parametrize(
+    "address, loopback",
+    [("127.0.0.1:1", True), ("127.8.0.2:1", True), ("localhost:50051", True), ("[::1]:1", True),
+     ("unix:/tmp/s", True), ("0.0.0.0:50051", False), ("10.0.0.1:1", False), ("loader.svc:50051", False)],
+)  # fmt: skip
+def test_is_loopback(address, loopback) -> None:
+    assert is_loopback(address) is loopback

@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
-import os
-
 import grpc
 
+from loader.client.channel import TLSLike, as_tls, open_channel, resolve_token, token_metadata
+from loader.errors import LoaderError
 from loader.v1 import loader_pb2 as pb
 from loader.v1 import loader_pb2_grpc as pb_grpc
 
 
-def fetch_stats(address: str, job: str = "", token: str | None = None, timeout_s: float = 30.0) -> pb.Stats:
-    """GetStats for `job` (every job when empty); the token defaults to $LOADER_TOKEN."""
-    token = token if token is not None else os.environ.get("LOADER_TOKEN")
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    with grpc.insecure_channel(address) as channel:
-        return pb_grpc.LoaderStub(channel).GetStats(pb.GetStatsRequest(job=job), metadata=metadata, timeout=timeout_s)
+class ServiceCallError(LoaderError):
+    """A call the service refused or could not answer; `code` is the gRPC status name."""
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(code, details)
+        self.code, self.details = code, details
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.details}"
+
+
+def fetch_stats(
+    address: str, job: str = "", token: str | None = None, timeout_s: float = 30.0, tls: TLSLike = None
+) -> pb.Stats:
+    """GetStats for `job` (every job when empty); the token defaults to $LOADER_TOKEN, `tls` is as
+    for RemoteLoader."""
+    tls = as_tls(tls)
+    metadata = token_metadata(resolve_token(token), address, tls)
+    with open_channel(address, tls) as channel:
+        try:
+            return pb_grpc.LoaderStub(channel).GetStats(pb.GetStatsRequest(job=job), metadata=metadata, timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise ServiceCallError(exc.code().name, exc.details() or "") from exc

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
+import time
 
-import grpc
 import numpy as np
 
-from loader.client.stream import TrainStream
+from loader.client.channel import TLSLike, as_tls, open_channel, resolve_token, token_metadata
+from loader.client.stream import StreamTimeout, TrainStream
 from loader.v1 import loader_pb2 as pb
 from loader.v1 import loader_pb2_grpc as pb_grpc
 
@@ -20,6 +20,10 @@ class RemoteLoader:
     One `for` loop is one epoch. Each batch is a dict of tensors (strings stay lists) with `_id`
     (int64 sample ids) and `_weight` (float32 importance weights). Tensors share memory with the
     received message: no copy per batch.
+
+    `token` (default `$LOADER_TOKEN`) is sent as `authorization: Bearer <token>` on every call.
+    `tls`: None for plaintext, True for TLS against the system's roots, or `loader.client.TLS`
+    (or a mapping of its fields: `ca`, `cert`, `key`, `server_name`) for a private CA and mutual TLS.
     """
 
     def __init__(
@@ -38,6 +42,7 @@ class RemoteLoader:
         prefetch: int = 4,
         timeout_s: float = 300.0,
         max_message_bytes: int = 256 * 1024 * 1024,
+        tls: TLSLike = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -49,10 +54,10 @@ class RemoteLoader:
         self.total_epochs = total_epochs
         self._pushes = 0
         self.prefetch, self.timeout_s = prefetch, timeout_s
-        token = token if token is not None else os.environ.get("LOADER_TOKEN")
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        tls = as_tls(tls)
+        self._metadata = token_metadata(resolve_token(token), address, tls)
         options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
-        self._channel = grpc.insecure_channel(address, options=options)
+        self._channel = open_channel(address, tls, options)
         self._stub = pb_grpc.LoaderStub(self._channel)
         self._epoch = 0
         self._seq = 0
@@ -89,6 +94,9 @@ class RemoteLoader:
             self._stream = None
             stream.close(timeout_s=10.0)
             if not finished:
+                # Left mid-epoch: the server ends the RPC once it has spent the credits still out
+                # and taken in every report sent; cancelling at once could lose the last reports.
+                _drain(stream, timeout_s=10.0)
                 stream.cancel()
             else:
                 # The server ends the RPC once our side is closed; wait for that, boundedly.
@@ -162,6 +170,18 @@ class RemoteLoader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _drain(stream: TrainStream, timeout_s: float) -> None:
+    """Discards what the server still sends until it ends the RPC, for at most timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            kind, _, _ = stream.next(left)
+        except StreamTimeout:
+            return
+        if kind in ("closed", "error"):
+            return
 
 
 def _float32():

@@ -27,6 +27,7 @@ class TrainStream:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._responses: queue.SimpleQueue = queue.SimpleQueue()
         self._requests_done = threading.Event()
+        self._over = threading.Event()
         self._requests.put(pb.TrainRequest(hello=hello))
         for ids, losses in feedback:  # reported while no stream was open
             self.report(ids, losses)
@@ -72,6 +73,7 @@ class TrainStream:
         return pb.TrainRequest(feedback=feedback)
 
     def _read_responses(self) -> None:
+        final = ("closed", None, None)
         try:
             for response in self._call:
                 if response.WhichOneof("kind") == "batch":
@@ -79,11 +81,26 @@ class TrainStream:
                     self._responses.put(("batch", batch.seq, codec.to_torch(codec.decode(batch.arrow_ipc))))
                 else:
                     self._responses.put(("status", response.status, None))
-            self._responses.put(("closed", None, None))
         except grpc.RpcError as exc:
-            self._responses.put(("error", exc, None))
+            final = ("error", exc, None)
+        except Exception as exc:  # a batch that does not decode: the trainer sees why, not a hang
+            self._call.cancel()
+            final = ("error", exc, None)
+        finally:
+            # Set before the last message is queued, so whoever takes that message finds them set.
+            # Nothing more can be sent once the RPC is over, so close() need not wait for the
+            # request iterator (gRPC stops pulling from it, e.g. after UNAUTHENTICATED).
+            self._over.set()
+            self._requests_done.set()
+            self._responses.put(final)
 
     def next(self, timeout_s: float):
+        """The next (kind, value, batch); after the RPC's last message, ("closed", None, None) at once."""
+        if self._over.is_set():
+            try:
+                return self._responses.get_nowait()
+            except queue.Empty:
+                return ("closed", None, None)
         try:
             return self._responses.get(timeout=timeout_s)
         except queue.Empty:
@@ -97,7 +114,8 @@ class TrainStream:
         self._requests.put((ids, losses))
 
     def close(self, timeout_s: float) -> bool:
-        """Half-closes after everything queued is sent; True if that happened within the time."""
+        """Half-closes after everything queued is sent (or the RPC ended); True if that happened
+        within the time."""
         self._requests.put(_CLOSE)
         return self._requests_done.wait(timeout_s)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 import threading
 
 import grpc
@@ -11,7 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from loader.config import ServiceConfig, parse_address
+from loader.config import TOKEN_ENV, ServiceConfig, is_loopback, parse_address, read_token
+from loader.gateway import tls
+from loader.gateway.auth import BearerTokenInterceptor
 from loader.gateway.service import LoaderService
 from loader.v1 import loader_pb2, loader_pb2_grpc
 
@@ -32,17 +36,28 @@ class Gateway:
         self.address = ""
         self._server: grpc.aio.Server | None = None
         self._health = HealthServicer()
+        # Read here, not at start(), so a bad token source fails before anything listens.
+        token = read_token(config)
+        self._interceptors = [BearerTokenInterceptor(token)] if token else []
+        self._credentials = tls.server_credentials(config.tls) if config.tls else None
+
+    @property
+    def requires_token(self) -> bool:
+        return bool(self._interceptors)
 
     async def start(self) -> str:
         host, _ = parse_address(self.config.address)
-        server = grpc.aio.server(options=message_options(self.config.max_message_bytes))
+        server = grpc.aio.server(interceptors=self._interceptors, options=message_options(self.config.max_message_bytes))
         loader_pb2_grpc.add_LoaderServicer_to_server(LoaderService(self.pipeline, self.config), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             server,
         )
-        port = server.add_insecure_port(self.config.address)
+        if self._credentials is None:
+            port = server.add_insecure_port(self.config.address)
+        else:
+            port = server.add_secure_port(self.config.address, self._credentials)
         if port == 0:
             raise OSError(f"cannot listen on {self.config.address}")
         await server.start()
@@ -50,7 +65,21 @@ class Gateway:
         self.address = f"{host}:{port}"
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._log_security()
         return self.address
+
+    def _log_security(self) -> None:
+        config = self.config
+        if self.requires_token:
+            source = f"token_file {config.token_file}" if config.token_file else f"${TOKEN_ENV}"
+            log.info("auth: bearer token required on every RPC except health (token from %s)", source)
+            _warn_if_others_can_read(config.token_file)
+        elif config.tls is not None and config.tls.client_ca:
+            log.info("auth: no token; only clients with a certificate signed by %s can connect", config.tls.client_ca)
+        else:
+            log.warning("auth: none — anyone who can reach %s can read the data", self.address)
+        exposed = config.tls is None and self.requires_token and not is_loopback(self.address)
+        log.log(logging.WARNING if exposed else logging.INFO, tls.describe(config.tls))
 
     async def stop(self, grace_s: float = 2.0) -> None:
         if self._server is not None:
@@ -60,6 +89,17 @@ class Gateway:
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
+
+
+def _warn_if_others_can_read(path: str | None) -> None:
+    if path is None:
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("token_file %s is accessible to other users (mode %o); chmod 600 it", path, stat.S_IMODE(mode))
 
 
 class BackgroundGateway:
