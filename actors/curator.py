@@ -14,12 +14,13 @@ import time
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayTaskError
 
 from actors.routing import learner_scorer
 from loader.curator import Curator, CuratorSettings, Failed, JobSpec, Lookup, Materialize, Pending, Ready
 from loader.ids import shard_of
 from loader.reader import ReadResult, gather
+from loader.sources.schema import mismatch_reason
 from loader.state_store import StateStore, job_folder
 
 log = logging.getLogger("loader.curator")
@@ -37,12 +38,12 @@ class CuratorActor:
         self, spec: JobSpec, settings: CuratorSettings, registry, readers: list, scorers: list, prefetch: int,
         state_dir: str,
     ) -> None:  # fmt: skip
+        self._registry, self._readers, self._scorers, self._prefetch = registry, readers, scorers, prefetch
         self._store, self._folder = StateStore(state_dir), job_folder(spec.job)
         self._core = Curator(spec, settings, journal=self._journal)
         self._restore()
         self._checkpointed = time.monotonic()
         self._checkpointing: asyncio.Task | None = None
-        self._registry, self._readers, self._scorers, self._prefetch = registry, readers, scorers, prefetch
         self._learner_scorer = learner_scorer(scorers, spec.job) if scorers else None
         self._feeders: dict[int, asyncio.Task] = {}
         self._changed: asyncio.Condition | None = None
@@ -100,6 +101,11 @@ class CuratorActor:
             epoch = int(re.search(r"(\d+)\.log$", name).group(1))
             self._core.restore_epoch(epoch, self._store.read_batches(name))
         if state is not None or self._core.epochs:
+            # Trainers may report losses of batches served before the restart, from shards this
+            # curator has not read again yet: the pool must know their sizes (the registry does).
+            for record in ray.get(self._registry.records.remote()):
+                if record.rows:
+                    self._core.pool.ensure_shard(record.index, record.rows)
             log.info("job %s restored: epochs %s", self._core.spec.job, sorted(self._core.epochs))
 
     def _forget_journals(self) -> None:
@@ -135,8 +141,16 @@ class CuratorActor:
             try:
                 result = await ref
                 scores = None
+                if not result.error and self._core.schema is not None:
+                    # Before scoring: the reference model would fail on a shard without its columns.
+                    problem = mismatch_reason(result.table.schema, self._core.schema)
+                    if problem:
+                        return ReadResult(index, uri, error=problem), None
                 if not result.error and self._core.needs_scores and not self._core.pool.has_scores(index):
-                    scores = await self._scorers[index % len(self._scorers)].score.remote(ref)
+                    try:
+                        scores = await self._scorers[index % len(self._scorers)].score.remote(ref)
+                    except RayTaskError as exc:  # the shard's rows do not fit the model: its problem
+                        return ReadResult(index, uri, error=f"reference scoring failed: {exc.cause!r}"), None
                 return result, scores
             except RayActorError as exc:
                 log.warning("an actor died while reading or scoring %s (%s); retrying", uri, exc)
@@ -148,6 +162,12 @@ class CuratorActor:
             queue = collections.deque(self._core.start_epoch(epoch, shards))
             self._forget_journals()
             await self._notify()
+            # The pool's schema is its first readable shard's in registration order, whatever order
+            # the epoch reads in: were an odd shard read first, every good one would be quarantined.
+            while queue and self._core.schema is None:
+                first = min(queue, key=lambda s: s.index)
+                queue.remove(first)
+                await self._accept(epoch, *await self._read(first.uri, first.index))
             inflight: set[asyncio.Task] = set()
             while queue or inflight:
                 while queue and len(inflight) < self._prefetch and self._core.wants_more(epoch):
@@ -159,7 +179,7 @@ class CuratorActor:
                     continue
                 done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    self._accept(epoch, *task.result())
+                    await self._accept(epoch, *task.result())
                 await self._select(epoch)
                 await self._notify()
                 self._checkpoint_if_due()
@@ -180,12 +200,13 @@ class CuratorActor:
             losses = await self._learner_scorer.learner_loss.remote(self._core.spec.job, candidates)
             self._core.select(epoch, candidates, losses)
 
-    def _accept(self, epoch: int, result: ReadResult, scores: tuple | None) -> None:
+    async def _accept(self, epoch: int, result: ReadResult, scores: tuple | None) -> None:
         reason = result.error or self._core.add_shard(epoch, result.index, result.table, scores)
+        # Awaited, so that once a trainer hears the epoch ended, GetStats shows every quarantine.
         if reason:
-            self._registry.quarantine.remote(result.index, reason)
+            await self._registry.quarantine.remote(result.index, reason)
         else:
-            self._registry.mark_read.remote(result.index, result.table.num_rows)
+            await self._registry.mark_read.remote(result.index, result.table.num_rows)
 
     async def _materialize(self, wanted: Materialize) -> Ready | Failed:
         shards = {int(s) for s in np.unique(shard_of(wanted.ids))}

@@ -97,6 +97,16 @@ class Pipeline:
         self._jobs[spec.job] = (spec, curator)
         return curator
 
+    def actors(self) -> dict[str, list]:
+        """Handles of the running actors by role (for operators' tooling and fault tests)."""
+        return {
+            "registry": [self._registry], "readers": list(self._readers), "scorers": list(self._scorers),
+            "curators": [curator for _, curator in self._jobs.values()],
+        }  # fmt: skip
+
+    def curator(self, job: str):
+        return self._jobs[job][1]
+
     @staticmethod
     def next_batch(curator, rank: int, epoch: int, seq: int):
         return curator.next_batch.remote(rank, epoch, seq)

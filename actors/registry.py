@@ -15,7 +15,9 @@ log = logging.getLogger("loader.registry")
 REGISTRY_FILE = "registry.json"
 
 
-@ray.remote(num_cpus=0, max_restarts=-1)
+# Every method is safe to repeat, so calls cut off by a crash are retried on the restarted actor,
+# which reloads the registry from state_dir.
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class RegistryActor:
     def __init__(self, state_dir: str | None = None) -> None:
         self._store = StateStore(state_dir) if state_dir else None

@@ -17,7 +17,9 @@ from loader.state_store import StateStore
 log = logging.getLogger("loader.scorer")
 
 
-@ray.remote(num_cpus=0.25, max_restarts=-1)
+# Its calls are pure, so Ray may repeat one cut off by a crash on the restarted actor; a shard that
+# crashes it every time is given up after a few tries (and then quarantined by the curator).
+@ray.remote(num_cpus=0.25, max_restarts=-1, max_task_retries=3)
 class ScorerActor:
     def __init__(
         self, reference: ModelSpec | None, input_column: str, label_column: str, state_dir: str | None = None

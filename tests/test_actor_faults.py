@@ -1,0 +1,101 @@
+"""Actors killed mid-epoch (by Ray, or their worker process by SIGKILL) are restarted, and the
+epoch goes on: under `uniform` every sample arrives exactly once, under a curated policy none
+arrives twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+import ray
+
+from loader import RemoteLoader
+from loader.reference import train_reference
+from loader.scoring import ModelSpec
+from loader.sources.writers import write_parquet
+from tests.helpers import blobs, rows_in
+
+BATCH = 32
+BEFORE_KILL = 3
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    rng = np.random.default_rng(11)
+    centroids = rng.normal(size=(10, 40)).astype(np.float32) * 2
+    paths = []
+    for i in range(8):
+        paths.append(str(root / f"train-{i:06d}.parquet"))
+        write_parquet(paths[-1], blobs(rng, centroids, 128))
+    holdout = str(root / "holdout.parquet")
+    write_parquet(holdout, blobs(rng, centroids, 256))
+    weights = str(root / "ref.pt")
+    train_reference(ModelSpec("loader.models:mlp"), [holdout], weights, epochs=3, progress=False)
+    return paths, weights
+
+
+@pytest.fixture(scope="module")
+def service(serve, pool):
+    paths, weights = pool
+    # One shard in flight and one batch ready ahead: most of the epoch is still unread at the kill.
+    return serve(paths, shuffle_rows=128, ready_batches=1, prefetch_shards=1, readers=2,
+                 reference={"factory": "loader.models:mlp", "weights": weights})  # fmt: skip
+
+
+def kill(actor, how: str) -> None:
+    if how == "ray.kill":
+        ray.kill(actor, no_restart=False)
+    else:
+        pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+        os.kill(pid, signal.SIGKILL)
+
+
+def victims(service, role: str, job: str) -> list:
+    if role == "curator":
+        return [service.pipeline.curator(job)]
+    return service.pipeline.actors()[role]
+
+
+CASES = [
+    ("uniform", "readers", "ray.kill"),
+    ("uniform", "readers", "SIGKILL"),
+    ("uniform", "curator", "ray.kill"),
+    ("uniform", "curator", "SIGKILL"),
+    ("uniform", "registry", "SIGKILL"),
+    ("learnability", "readers", "ray.kill"),
+    ("learnability", "scorers", "ray.kill"),
+    ("learnability", "scorers", "SIGKILL"),
+    ("learnability", "curator", "ray.kill"),
+    ("learnability", "curator", "SIGKILL"),
+]
+
+
+@pytest.mark.parametrize("policy, role, how", CASES)
+def test_an_actor_killed_mid_epoch_loses_and_repeats_nothing(service, pool, policy, role, how):
+    job = f"{policy}-{role}-{how}"
+    options = {"keep_ratio": 0.5} if policy != "uniform" else {}
+    loader = RemoteLoader(service.address, job=job, batch_size=BATCH, policy=policy, options=options, timeout_s=60)
+    ids = []
+    for batch in loader:
+        ids.append(batch["_id"].numpy().copy())
+        loader.report(batch, np.ones(len(ids[-1]), np.float32))
+        if len(ids) == BEFORE_KILL:
+            for actor in victims(service, role, job):
+                kill(actor, how)
+    loader.close()
+    served = np.concatenate(ids)
+    assert len(ids) > BEFORE_KILL
+    assert len(np.unique(served)) == len(served), "a sample was delivered twice in the epoch"
+    rows = rows_in(pool[0])
+    if policy == "uniform":
+        assert len(served) == rows, f"{rows - len(served)} samples lost"
+    else:
+        assert len(served) == pytest.approx(rows * 0.5, abs=BATCH)
+    # The service is whole again: the next epoch runs to its end.
+    again = RemoteLoader(service.address, job=job, batch_size=BATCH, policy=policy, options=options, timeout_s=60)
+    again.load_state_dict({**loader.state_dict()})
+    assert sum(len(b["_id"]) for b in again) > 0
+    again.close()
