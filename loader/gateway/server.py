@@ -24,6 +24,16 @@ log = logging.getLogger("loader.gateway")
 SERVICE_NAME = loader_pb2.DESCRIPTOR.services_by_name["Loader"].full_name
 
 
+# A trainer whose machine vanished never closes its stream; pings find it within about 40 s, and
+# its session (credits, waiting batch requests) is released. Clients may ping every 10 s at most.
+KEEPALIVE = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
 def message_options(max_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
 
@@ -47,7 +57,8 @@ class Gateway:
 
     async def start(self) -> str:
         host, _ = parse_address(self.config.address)
-        server = grpc.aio.server(interceptors=self._interceptors, options=message_options(self.config.max_message_bytes))
+        options = message_options(self.config.max_message_bytes) + KEEPALIVE
+        server = grpc.aio.server(interceptors=self._interceptors, options=options)
         loader_pb2_grpc.add_LoaderServicer_to_server(LoaderService(self.pipeline, self.config), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
