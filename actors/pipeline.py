@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
 import ray
@@ -55,6 +56,9 @@ class Pipeline:
         # a model (and its worker process).
         self._scorers: list = []
         self._jobs: dict[str, tuple[JobSpec, object]] = {}
+        # Job -> connected trainer streams; job -> when its last stream ended.
+        self._streams: dict[str, int] = {}
+        self._idle_since: dict[str, float] = {}
         # Job -> (snapshots received, newest step).
         self._pushes: dict[str, tuple[int, int]] = {}
         uris = expand(list(config.shards))
@@ -96,6 +100,39 @@ class Pipeline:
         self._store.save_json(f"{job_folder(spec.job)}/spec.json", dataclasses.asdict(spec))
         self._jobs[spec.job] = (spec, curator)
         return curator
+
+    def attach(self, job: str) -> None:
+        """A trainer stream of `job` began: the job is not idle."""
+        self._streams[job] = self._streams.get(job, 0) + 1
+        self._idle_since.pop(job, None)
+
+    def detach(self, job: str) -> None:
+        self._streams[job] -= 1
+        if not self._streams[job]:
+            del self._streams[job]
+            self._idle_since[job] = time.monotonic()
+
+    async def release_idle(self, now: float | None = None) -> list[str]:
+        """Checkpoints and stops the curators of jobs idle for `job_idle_s`; returns their names.
+        A later Hello starts a new curator, which restores the job from state_dir."""
+        now = time.monotonic() if now is None else now
+        idle = [job for job, since in self._idle_since.items()
+                if now - since >= self.config.job_idle_s and job in self._jobs]  # fmt: skip
+        for job in idle:
+            curator = self._jobs[job][1]
+            try:
+                await curator.checkpoint.remote()
+            except Exception as exc:  # its journals still hold every batch
+                log.warning("job %s: checkpoint before release failed: %r", job, exc)
+            if job in self._streams:  # a trainer came back while we checkpointed
+                continue
+            del self._jobs[job]
+            self._idle_since.pop(job, None)
+            ray.kill(curator, no_restart=True)
+            for scorer in self._scorers:
+                scorer.drop_learner.remote(job)
+            log.info("job %s idle for %.0f s: curator released (state kept)", job, self.config.job_idle_s)
+        return idle
 
     def actors(self) -> dict[str, list]:
         """Handles of the running actors by role (for operators' tooling and fault tests)."""

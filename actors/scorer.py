@@ -80,6 +80,10 @@ class ScorerActor:
         self._learners[job] = (spec, model, step)
         return step
 
+    def drop_learner(self, job: str) -> None:
+        """Frees the job's learner snapshot (the job was released; a push brings it back)."""
+        self._learners.pop(job, None)
+
     def learner_loss(self, job: str, table: pa.Table) -> np.ndarray | None:
         """Per-sample loss of the job's newest snapshot; None before the first push (the curator
         then falls back to reported losses)."""

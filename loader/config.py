@@ -50,7 +50,11 @@ class ServiceConfig:
     max_message_bytes: int = 256 * 1024 * 1024
     # A stream must send Hello within this many seconds.
     hello_timeout_s: float = 30.0
-    # Directory for persisted state (registry, caches); None keeps everything in memory.
+    # A job with no trainer connected for this long is checkpointed and its curator released; a
+    # later Hello brings it back from its saved state.
+    job_idle_s: float = 600.0
+    # Folder for the registry, scores, selection state and batch journals; None: a private
+    # temporary folder for this service's lifetime (enough for actor restarts, not for its own).
     state_dir: str | None = None
     log_level: str = "INFO"
     # The reference model of curated policies: {factory: "module:function", kwargs: {...},
@@ -126,7 +130,7 @@ def _normalise(key: str, value: Any) -> Any:
         if value < (0 if key in _NON_NEGATIVE_INTS else 1):
             raise ConfigError(key, f"must be {'non-negative' if key in _NON_NEGATIVE_INTS else 'positive'}, got {value}")
         return value
-    if key == "hello_timeout_s":
+    if key in ("hello_timeout_s", "job_idle_s"):
         _check_type(key, value, (int, float))
         if not 0 < value < float("inf"):
             raise ConfigError(key, f"must be a positive finite number, got {value}")

@@ -45,6 +45,7 @@ class Gateway:
         self.pipeline, self.config = pipeline, config
         self.address = ""
         self._server: grpc.aio.Server | None = None
+        self._reaper: asyncio.Task | None = None
         self._health = HealthServicer()
         # Read here, not at start(), so a bad token source fails before anything listens.
         token = read_token(config)
@@ -73,6 +74,7 @@ class Gateway:
             raise OSError(f"cannot listen on {self.config.address}")
         await server.start()
         self._server = server
+        self._reaper = asyncio.get_running_loop().create_task(self._release_idle_jobs())
         self.address = f"{host}:{port}"
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -92,7 +94,19 @@ class Gateway:
         exposed = config.tls is None and self.requires_token and not is_loopback(self.address)
         log.log(logging.WARNING if exposed else logging.INFO, tls.describe(config.tls))
 
+    async def _release_idle_jobs(self) -> None:
+        every = min(self.config.job_idle_s / 4, 30.0)
+        while True:
+            await asyncio.sleep(every)  # a timer, not synchronisation: idleness is time-based
+            try:
+                await self.pipeline.release_idle()
+            except Exception:  # never let the timer die; the next round tries again
+                log.exception("releasing idle jobs failed")
+
     async def stop(self, grace_s: float = 2.0) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace_s)
