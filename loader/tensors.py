@@ -38,6 +38,11 @@ def to_arrow(values: np.ndarray) -> pa.Array:
         values = values.astype(values.dtype.newbyteorder("="))
     if values.ndim == 1:
         return pa.array(values)
+    if len(values) == 0:
+        # Arrow's numpy constructor refuses an empty array; the type still carries the shape.
+        kind = pa.fixed_shape_tensor(pa.from_numpy_dtype(values.dtype), values.shape[1:])
+        storage = pa.array([], type=pa.list_(pa.from_numpy_dtype(values.dtype), int(np.prod(values.shape[1:]))))
+        return pa.ExtensionArray.from_storage(kind, storage)
     # Row-major storage keeps permutation trivial; readers that combine chunks
     # (ChunkedArray.combine_chunks) do not support permuted tensors.
     return pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(values))

@@ -114,3 +114,11 @@ def test_parquet_round_trip(tmp_path) -> None:
     assert isinstance(back.schema.field("x").type, pa.FixedShapeTensorType)
     for name, values in columns.items():
         np.testing.assert_array_equal(to_numpy(back.column(name)), values)
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (0, 3, 4)])
+def test_zero_rows_keep_their_dtype_and_row_shape(shape: tuple[int, ...]) -> None:
+    column = to_arrow(np.zeros(shape, np.uint8))
+    assert len(column) == 0
+    back = to_numpy(column)
+    assert back.shape == shape and back.dtype == np.uint8
