@@ -168,6 +168,8 @@ class CuratorActor:
                 first = min(queue, key=lambda s: s.index)
                 queue.remove(first)
                 await self._accept(epoch, *await self._read(first.uri, first.index))
+                await self._select(epoch)
+                await self._notify()  # batches may be ready, and requests wait on the condition
             inflight: set[asyncio.Task] = set()
             while queue or inflight:
                 while queue and len(inflight) < self._prefetch and self._core.wants_more(epoch):
@@ -202,11 +204,17 @@ class CuratorActor:
 
     async def _accept(self, epoch: int, result: ReadResult, scores: tuple | None) -> None:
         reason = result.error or self._core.add_shard(epoch, result.index, result.table, scores)
-        # Awaited, so that once a trainer hears the epoch ended, GetStats shows every quarantine.
-        if reason:
-            await self._registry.quarantine.remote(result.index, reason)
-        else:
-            await self._registry.mark_read.remote(result.index, result.table.num_rows)
+        # Awaited, so that once a trainer hears the epoch ended, GetStats shows every quarantine;
+        # a registry that died meanwhile is restarted by Ray and told again.
+        for _ in range(READ_ATTEMPTS):
+            try:
+                if reason:
+                    await self._registry.quarantine.remote(result.index, reason)
+                else:
+                    await self._registry.mark_read.remote(result.index, result.table.num_rows)
+                return
+            except RayActorError as exc:
+                log.warning("the registry died recording shard %s (%s); retrying", result.uri, exc)
 
     async def _materialize(self, wanted: Materialize) -> Ready | Failed:
         shards = {int(s) for s in np.unique(shard_of(wanted.ids))}

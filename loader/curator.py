@@ -28,6 +28,7 @@ from loader.selection.diversity import EmbeddingMemory
 from loader.selection.options import SelectionOptions, keep_count
 from loader.selection.policies import make_policy
 from loader.selection.scores import fill_missing
+from loader.sources.schema import conform, mismatch_reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +204,10 @@ class Curator:
         if self.schema is None:
             self.schema = table.schema
         elif not table.schema.equals(self.schema):
-            return f"schema differs from the pool's: got {_describe(table.schema)}, expected {_describe(self.schema)}"
+            reason = mismatch_reason(table.schema, self.schema)
+            if reason:
+                return reason
+            table = conform(table, self.schema)  # the same columns in another order
         if self.needs_scores and scores is None and not self.pool.has_scores(index):
             return "no reference scores for this shard"
         run = self.epochs[epoch]
@@ -407,6 +411,3 @@ def _add_padded(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     n = max(len(a), len(b))
     return _pad(a, n) + _pad(b, n)
 
-
-def _describe(schema: pa.Schema) -> str:
-    return "{" + ", ".join(f"{f.name}: {f.type}" for f in schema) + "}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -11,6 +12,8 @@ from loader.codec import ID
 from loader.errors import ShardError
 from loader.ids import make_ids, row_of
 from loader.sources import read_shard
+
+log = logging.getLogger("loader.reader")
 
 
 @dataclasses.dataclass
@@ -26,9 +29,18 @@ def read_with_ids(uri: str, index: int) -> ReadResult:
         table = read_shard(uri)
     except ShardError as exc:
         return ReadResult(index, uri, error=exc.reason)
+    except Exception as exc:
+        # Whatever a shard's bytes make a library raise, it is that shard's problem: raised from
+        # the reader actor it would fail the whole epoch instead of quarantining one shard.
+        log.warning("unexpected error reading %s", uri, exc_info=True)
+        return ReadResult(index, uri, error=f"cannot read it: {type(exc).__name__}: {exc}")
     if ID in table.column_names:
         return ReadResult(index, uri, error=f"column {ID!r} is reserved for sample ids")
-    return ReadResult(index, uri, table=table.append_column(ID, pa.array(make_ids(index, table.num_rows))))
+    try:
+        ids = make_ids(index, table.num_rows)
+    except ValueError as exc:  # more rows than an id can address
+        return ReadResult(index, uri, error=str(exc))
+    return ReadResult(index, uri, table=table.append_column(ID, pa.array(ids)))
 
 
 def take_rows(result: ReadResult, ids: np.ndarray) -> pa.Table:

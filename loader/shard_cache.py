@@ -20,7 +20,8 @@ class ShardCache:
         self._entries: collections.OrderedDict[tuple, ReadResult] = collections.OrderedDict()
 
     @staticmethod
-    def _key(uri: str, index: int) -> tuple | None:
+    def identity(uri: str, index: int) -> tuple | None:
+        """The cache key of the file as it is now; None when it cannot be stat'ed."""
         # A rewritten file must not be served from the cache: size and mtime are part of the key.
         try:
             stat = os.stat(uri)
@@ -29,7 +30,7 @@ class ShardCache:
         return (uri, index, stat.st_size, stat.st_mtime_ns)
 
     def get(self, uri: str, index: int) -> ReadResult | None:
-        key = self._key(uri, index)
+        key = self.identity(uri, index)
         result = self._entries.get(key) if key is not None else None
         if result is None:
             self.misses += 1
@@ -38,12 +39,17 @@ class ShardCache:
         self.hits += 1
         return result
 
-    def put(self, result: ReadResult) -> None:
+    def put(self, result: ReadResult, before: tuple | None = None) -> None:
+        """Keeps a successful read. `before` is the file's `identity` taken before reading: a file
+        rewritten or truncated while it was read is not cached, lest its new identity serve what
+        the old bytes decoded to."""
         if result.table is None:
             return
         size = result.table.nbytes
-        key = self._key(result.uri, result.index)
+        key = self.identity(result.uri, result.index)
         if key is None or size > self.max_bytes or key in self._entries:
+            return
+        if before is not None and before != key:
             return
         self._entries[key] = result
         self.bytes += size

@@ -145,7 +145,7 @@ def test_schema_mismatch_is_refused_and_adds_nothing() -> None:
     bad = pa.table({"x": pa.array(np.arange(10, dtype=np.int64)), codec.ID: pa.array(ids)})
     reason = curator.add_shard(0, 5, bad)
     assert "schema" in reason
-    assert "x: int64" in reason and "x: double" in reason
+    assert reason == "schema differs from the pool's: column 'x' is int64, the pool's is float64"
     assert run.assembler.rows_in == rows_before
     assert run.assembler.buffered_rows() == buffered_before
     # The refused shard's samples never entered the pool either.

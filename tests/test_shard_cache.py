@@ -44,3 +44,16 @@ def test_errors_and_oversized_shards_are_not_cached(tmp_path):
     cache.put(read_with_ids(str(tmp_path / "missing.parquet"), 0))
     cache.put(read_with_ids(shard(tmp_path, "big", 100), 1))
     assert cache.bytes == 0 and cache.get(str(tmp_path / "big.parquet"), 1) is None
+
+
+def test_a_file_changed_while_it_was_read_is_not_cached(tmp_path):
+    path = shard(tmp_path, "a", 10, value=1.0)
+    cache = ShardCache(1 << 20)
+    before = cache.identity(path, 0)
+    result = read_with_ids(path, 0)
+    with open(path, "r+b") as f:  # truncated after the read, before the result is cached
+        f.truncate(100)
+    cache.put(result, before)
+    assert cache.bytes == 0 and cache.get(path, 0) is None
+    again = read_with_ids(path, 0)
+    assert again.table is None and "parquet" in again.error

@@ -17,6 +17,7 @@ from loader.config import TOKEN_ENV, ServiceConfig, is_loopback, parse_address, 
 from loader.gateway import tls
 from loader.gateway.auth import BearerTokenInterceptor
 from loader.gateway.service import LoaderService
+from loader.gateway.wire import PreSerializedBatches
 from loader.v1 import loader_pb2, loader_pb2_grpc
 
 log = logging.getLogger("loader.gateway")
@@ -50,11 +51,12 @@ class Gateway:
         # Read here, not at start(), so a bad token source fails before anything listens.
         token = read_token(config)
         self._interceptors = [BearerTokenInterceptor(token)] if token else []
+        self._interceptors.append(PreSerializedBatches())
         self._credentials = tls.server_credentials(config.tls) if config.tls else None
 
     @property
     def requires_token(self) -> bool:
-        return bool(self._interceptors)
+        return any(isinstance(i, BearerTokenInterceptor) for i in self._interceptors)
 
     async def start(self) -> str:
         host, _ = parse_address(self.config.address)

@@ -48,11 +48,14 @@ class LoaderService(pb_grpc.LoaderServicer):
             await context.abort(abort.code, abort.message)
         except JobConflict as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except (ConfigError, ValueError) as exc:  # options that parse but that no policy accepts
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Hello: {exc}")
         key = (spec.job, session.rank)
         previous = self.sessions.get(key)
         if previous is not None:
             previous.stop(Abort(grpc.StatusCode.ABORTED, f"superseded by a newer stream for job {spec.job!r} rank {session.rank}"))
         self.sessions[key] = session
+        self.pipeline.attach(spec.job)
         reader = asyncio.ensure_future(session.read_requests(requests))
         try:
             yield pb.TrainResponse(status=pb.Status(code=pb.Status.READY, epoch=session.epoch, policy=spec.policy))
@@ -68,6 +71,7 @@ class LoaderService(pb_grpc.LoaderServicer):
             log.warning("job %s rank %d did not close its stream after the epoch", spec.job, session.rank)
         finally:
             reader.cancel()
+            self.pipeline.detach(spec.job)
             if self.sessions.get(key) is session:
                 del self.sessions[key]
 

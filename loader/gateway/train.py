@@ -16,6 +16,7 @@ import numpy as np
 
 from loader.curator import EndOfEpoch, Failed, JobSpec, Ready
 from loader.errors import ConfigError
+from loader.gateway.wire import batch_response
 from loader.scoring import resolve_factory
 from loader.selection.options import SelectionOptions
 from loader.selection.policies import resolve
@@ -24,6 +25,9 @@ from loader.v1 import loader_pb2 as pb
 log = logging.getLogger("loader.gateway")
 
 MAX_CREDIT = 1024
+# Far above any data-parallel job; a Hello with 2**32 - 1 ranks would have the curator plan an
+# epoch tail of billions of batches.
+MAX_WORLD_SIZE = 1 << 16
 # After END_OF_EPOCH the trainer may still send feedback before it closes its side.
 DRAIN_TIMEOUT_S = 60.0
 
@@ -37,8 +41,11 @@ class Abort(Exception):
 def job_spec(hello: pb.Hello, default_policy: str, defaults: SelectionOptions) -> JobSpec:
     if not hello.job:
         raise Abort(grpc.StatusCode.INVALID_ARGUMENT, "Hello.job must name the job")
-    if hello.world_size < 1:
-        raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"Hello.world_size must be at least 1, got {hello.world_size}")
+    if not 1 <= hello.world_size <= MAX_WORLD_SIZE:
+        raise Abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"Hello.world_size must be 1..{MAX_WORLD_SIZE}, got {hello.world_size}",
+        )
     if hello.rank >= hello.world_size:
         raise Abort(
             grpc.StatusCode.INVALID_ARGUMENT, f"Hello.rank must be below world_size {hello.world_size}, got {hello.rank}"
@@ -83,7 +90,8 @@ class TrainSession:
         self.pipeline, self.spec = pipeline, spec
         self.rank, self.epoch = hello.rank, hello.epoch
         self.curator = pipeline.job(spec)
-        self.next_seq = hello.next_seq
+        # This stream sends batches first_seq, first_seq + 1, ...; only those can be acknowledged.
+        self.first_seq = self.next_seq = hello.next_seq
         self.credits = 0
         self.changed = asyncio.Event()
         self.abort: Abort | None = None
@@ -131,11 +139,15 @@ class TrainSession:
         self.changed.set()
 
     def _ack(self, ack: pb.Ack) -> None:
-        if ack.epoch != self.epoch or ack.seq >= self.next_seq:
+        # Hello.next_seq may be anything; were acks up to it allowed, one ack could have the
+        # curator walk billions of sequence numbers.
+        if ack.epoch != self.epoch or not self.first_seq <= ack.seq < self.next_seq:
+            last = self.next_seq - 1
+            sent = f"batches {self.first_seq}..{last}" if last >= self.first_seq else "no batch"
             raise Abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"Ack for epoch {ack.epoch} batch {ack.seq}, which this stream never sent "
-                f"(epoch {self.epoch}, next batch {self.next_seq})",
+                f"(it has sent {sent} of epoch {self.epoch})",
             )
         self.pipeline.ack(self.curator, self.rank, ack.epoch, ack.seq)
 
@@ -147,22 +159,25 @@ class TrainSession:
     async def wait(self, awaitable=None):
         """Waits for `awaitable` (or for any change when None), raising the session's Abort first."""
         task = None if awaitable is None else asyncio.ensure_future(awaitable)
-        while True:
-            if self.abort is not None:
-                if task is not None:
-                    task.cancel()
-                raise self.abort
-            if task is not None and task.done():
-                return task.result()
-            self.changed.clear()
-            waiters = [asyncio.ensure_future(self.changed.wait())]
-            if task is not None:
-                waiters.append(task)
-            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            if waiters[0] not in done:
-                waiters[0].cancel()
-            if task is None:
-                return None
+        try:
+            while True:
+                if self.abort is not None:
+                    raise self.abort
+                if task is not None and task.done():
+                    return task.result()
+                self.changed.clear()
+                changed = asyncio.ensure_future(self.changed.wait())
+                try:
+                    waiters = [changed] if task is None else [changed, task]
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    changed.cancel()
+                if task is None:
+                    return None
+        finally:
+            # Also when the RPC is cancelled while waiting: a pending helper would outlive the stream.
+            if task is not None and not task.done():
+                task.cancel()
 
     async def batches(self):
         """Yields TrainResponses until this rank's share of the epoch has been sent."""
@@ -182,6 +197,4 @@ class TrainSession:
             assert isinstance(result, Ready)
             self.credits -= 1
             self.next_seq += 1
-            yield pb.TrainResponse(
-                batch=pb.Batch(epoch=self.epoch, seq=result.seq, rows=result.rows, arrow_ipc=result.payload)
-            )
+            yield batch_response(self.epoch, result.seq, result.rows, result.payload)

@@ -48,5 +48,9 @@ def decode(ext: str, data: bytes, *, uri: str, member: str) -> Any:
         return bytes(data)
     try:
         return decoder(data)
-    except (ValueError, UnicodeDecodeError, EOFError, OSError) as exc:
+    except (ValueError, EOFError, OSError) as exc:
         raise ShardError(uri, f"member {member!r}: cannot decode as .{ext}: {exc}") from exc
+    except Exception as exc:
+        # Parsers of untrusted bytes raise more than ValueError (numpy's .npy header parser lets
+        # tokenize.TokenError out); any of them means this member, not the service, is broken.
+        raise ShardError(uri, f"member {member!r}: cannot decode as .{ext}: {type(exc).__name__}: {exc}") from exc

@@ -76,4 +76,5 @@ def write_tar(path: str, samples: Iterable[dict[str, Value]]) -> None:
 def write_parquet(path: str, columns: dict[str, np.ndarray]) -> None:
     table = pa.table({name: to_arrow(values) for name, values in columns.items()})
     with _atomic(path) as tmp:
-        pq.write_table(table, tmp)
+        # Page checksums let readers tell a corrupted page from data.
+        pq.write_table(table, tmp, write_page_checksum=True)
