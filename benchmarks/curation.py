@@ -12,6 +12,11 @@ through `loader.training.train`; only the policy (and its options) differ.
 Writes, under --out-dir, a PNG of test accuracy against trainer steps (mean over seeds) and a
 markdown table; --json writes the per-run figures. A diagnostic run, uniform on the same pool with
 its labels intact, bounds what filtering the noise could gain at all.
+
+`--pool mixed` runs the cluster-bandit and diversity comparison on a pool that is also redundant
+and imbalanced instead (benchmarks/pools.py builds it, benchmarks/mixed.py runs it):
+
+    python benchmarks/curation.py --pool mixed --quick --json benchmarks/results/curation-mix-quick.json
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from __future__ import annotations
 import actors  # noqa: F401  (must precede anything that imports ray: keeps a local Ray on loopback)
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -32,38 +36,16 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
-from torch import nn
 
-from actors.pipeline import Pipeline
+import mixed
+import mixed_report
 from actors.runtime import ensure_ray, shutdown
-from loader.client import RemoteLoader
-from loader.config import from_mapping
+from harness import LABEL_NOISE, MAX_HOLDOUT_SHARE, PARTIAL_TARGET, Run, curve_record, fmt_sci, forward_flops
+from harness import job_stats, load_split, mean_curve, mean_sd, reference_model, rows, service
 from loader.datasets import make_shards
-from loader.gateway.server import BackgroundGateway
-from loader.models import accuracy
-from loader.reference import train_reference
 from loader.scoring import ModelSpec, build_model
-from loader.sources import read_shard
-from loader.tensors import to_numpy
-from loader.training import Curve, train
-
-LABEL_NOISE = 0.3
-# The issue allows a clean holdout of at most this share of the pool.
-MAX_HOLDOUT_SHARE = 0.2
-# A second, easier level: how much sooner a run gets close to uniform's best.
-PARTIAL_TARGET = 0.95
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """One arm of the comparison: a policy, where its learner losses come from, its options."""
-
-    label: str
-    policy: str
-    learner_loss: str | None
-    options: dict
+from loader.training import train
 
 
 @dataclasses.dataclass
@@ -106,6 +88,20 @@ class Settings:
     clean_ceiling: bool = True
     torch_threads: int = 1
     runs: tuple[str, ...] = ("uniform", "loss", "learnability-feedback", "learnability-snapshot", "easy_reference")
+    # "noisy": the pool above. "mixed": also redundant and imbalanced (benchmarks/pools.py), with
+    # the runs of benchmarks/mixed.py; the fields below apply to it only.
+    pool: str = "noisy"
+    duplicates: float = 0.5  # share of the pool that is near-copies of `bases` samples
+    bases: int = 320
+    jitter: float = 0.1  # of a copy, in standard deviations of the inputs
+    noise_inputs: float = 0.1  # share of the pool that is pure-noise inputs with random labels
+    # Bandit and diversity options of the composite policies; unset, the service's defaults hold.
+    gamma: float | None = None
+    eta: float | None = None
+    max_clusters: int | None = None
+    diversity: float | None = None
+    memory_size: int | None = None
+    chunk: int | None = None
 
 
 QUICK = dict(steps=1000, eval_every=20)
@@ -125,73 +121,7 @@ def make_runs(s: Settings) -> list[Run]:
     return [r for r in every if r.label in s.runs]
 
 
-# -- compute accounting ---------------------------------------------------------------------------
-
-
-def forward_flops(model: nn.Module, sample: torch.Tensor) -> int:
-    """Multiply-adds of Linear and Conv1d layers for one sample, times 2.
-
-    Counted per layer because 2 x parameters undercounts a convolution, whose weights are applied
-    at every position; activations, pooling and biases are left out (a few percent at most).
-    """
-    macs = 0
-
-    def count(module: nn.Module, _inputs, output: torch.Tensor) -> None:
-        nonlocal macs
-        if isinstance(module, nn.Linear):
-            macs += module.in_features * module.out_features
-        elif isinstance(module, nn.Conv1d):
-            kernel = module.in_channels // module.groups * module.kernel_size[0]
-            macs += output.shape[1] * output.shape[2] * kernel
-
-    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d))]
-    try:
-        with torch.inference_mode():
-            model.eval()(sample[:1])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return 2 * macs
-
-
-# -- data -----------------------------------------------------------------------------------------
-
-
-def load_split(paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
-    for path in paths:
-        table = read_shard(path)
-        # Copies: Arrow's buffers are read-only and the test set outlives the tables.
-        xs.append(torch.from_numpy(to_numpy(table.column("x")).astype(np.float32)))
-        ys.append(torch.from_numpy(to_numpy(table.column("y")).astype(np.int64)))
-    return torch.cat(xs), torch.cat(ys)
-
-
-def rows(paths: list[str]) -> int:
-    return sum(read_shard(p).num_rows for p in paths)
-
-
 # -- summary --------------------------------------------------------------------------------------
-
-
-def mean_sd(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def mean_curve(curves: list[Curve]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    steps = np.asarray(curves[0].steps)
-    acc = np.asarray([c.test_accuracy for c in curves])
-    return steps, acc.mean(0), acc.std(0)
-
-
-def fmt_sci(x: float) -> str:
-    return f"{x:.2e}" if x else "0"
-
-
-def curve_record(curve: Curve) -> dict:
-    return {"steps": curve.steps, "test_accuracy": curve.test_accuracy}
 
 
 def summarise(s: Settings, runs: list[Run], results: dict, clean: dict) -> tuple[dict, str]:
@@ -314,39 +244,6 @@ def plot(path: str, s: Settings, runs: list[Run], results: dict, clean: dict, ta
 # -- the benchmark --------------------------------------------------------------------------------
 
 
-def job_stats(address: str, job: str):
-    with RemoteLoader(address, job=job, batch_size=1) as client:
-        stats = client.stats()
-    return stats, next(j for j in stats.jobs if j.job == job)
-
-
-@contextlib.contextmanager
-def service(shards: list[str], s: Settings, reference_weights: str | None = None):
-    """One Pipeline + gateway in this process, on the already running local Ray."""
-    values = {
-        "shards": shards,
-        "address": "127.0.0.1:0",
-        "num_cpus": 2,
-        "shuffle_rows": s.shuffle_rows,
-        "ready_batches": s.ready_batches,
-        "prefetch_shards": s.prefetch_shards,
-        "log_level": "WARNING",
-    }
-    if reference_weights:
-        values["reference"] = {"factory": f"loader.models:{s.reference_model}", "weights": reference_weights}
-    config = from_mapping(values)
-    t0 = time.perf_counter()
-    pipeline = Pipeline(config)
-    gateway = BackgroundGateway(pipeline, config)
-    try:
-        address = gateway.start()
-        print(f"service on {address}, started in {time.perf_counter() - t0:.1f} s", flush=True)
-        yield address
-    finally:
-        gateway.stop()
-        pipeline.shutdown()
-
-
 def train_run(address: str, job: str, run: Run, s: Settings, seed: int, n_train: int, test) -> dict:
     keep = 1.0 if run.policy == "uniform" else float(run.options["keep_ratio"])
     curve = train(
@@ -381,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(s.torch_threads)
     os.makedirs(args.out_dir, exist_ok=True)
+    command = " ".join(["python benchmarks/curation.py", *(sys.argv[1:] if argv is None else argv)])
+    if s.pool == "mixed":
+        return main_mixed(s, args, command, started)
     name = args.name or ("curation-quick" if args.quick else "curation")
     runs = make_runs(s)
 
@@ -399,18 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"holdout {n_holdout} exceeds {MAX_HOLDOUT_SHARE:.0%} of the pool {n_train}")
         test = load_split(splits["test"])
 
-        reference_weights = os.path.join(data_dir, "reference.pt")
-        reference_spec = ModelSpec(f"loader.models:{s.reference_model}")
-        reference = train_reference(
-            reference_spec, splits["holdout"], reference_weights, epochs=s.reference_epochs, progress=False
-        )
-        ref_model = build_model(dataclasses.replace(reference_spec, weights=reference_weights))
-        reference["test_accuracy"] = accuracy(ref_model, *test)
-        print(
-            f"reference {s.reference_model}: holdout accuracy {reference['holdout_accuracy']:.3f}, test accuracy "
-            f"{reference['test_accuracy']:.3f}, trained in {reference['seconds']:.1f} s",
-            flush=True,
-        )
+        reference, reference_weights, ref_model = reference_model(s, splits["holdout"], data_dir, test)
         learner_fwd = forward_flops(build_model(ModelSpec(f"loader.models:{s.model}")), test[0])
         reference_fwd = forward_flops(ref_model, test[0])
         # Adam's update is a handful of FLOPs per parameter per step: noise next to 3 x forward x batch.
@@ -420,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[tuple[str, int], dict] = {}
         clean: dict[int, dict] = {}
         try:
-            with service(splits["train"], s, reference_weights) as address:
+            with service(splits["train"], s, reference_weights) as (address, _):
                 for seed in range(s.seeds):
                     for run in runs:
                         results[(run.label, seed)] = train_run(address, f"{run.label}-seed{seed}", run, s, seed, n_train, test)
@@ -429,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                 # Same samples and seed, labels left intact: how fast uniform gets there without
                 # noise bounds what any noise filter could gain.
                 clean_splits = make_shards(os.path.join(data_dir, "clean"), label_noise=0.0, progress=False, **shard_args)
-                with service(clean_splits["train"], s) as address:
+                with service(clean_splits["train"], s) as (address, _):
                     for seed in range(s.seeds):
                         clean[seed] = train_run(address, f"uniform-clean-seed{seed}", runs[0], s, seed, n_train, test)
         finally:
@@ -449,9 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             )
 
     info = {
-        "date": datetime.date.today().isoformat(),
-        "machine": f"{os.cpu_count()} CPU cores, no GPU, {platform.platform()}",
-        "torch": torch.__version__,
+        **machine(),
         "pool": n_train,
         "holdout": n_holdout,
         "test": n_test,
@@ -459,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         "reference_scoring": reference_scoring,
         "learner_forward_flops": learner_fwd,
         "reference_forward_flops": reference_fwd,
-        "command": " ".join(["python benchmarks/curation.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command,
     }
     payload, table = summarise(s, runs, results, clean)
     payload["settings"], payload["setup"] = dataclasses.asdict(s), info
@@ -475,6 +362,24 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(payload, handle, indent=1)
     print(report)
     return 0
+
+
+def main_mixed(s: Settings, args: argparse.Namespace, command: str, started: float) -> int:
+    name = args.name or ("curation-mix-quick" if args.quick else "curation-mix")
+    with tempfile.TemporaryDirectory(prefix="curation-mix-") as data_dir:
+        data = mixed.run_mixed(s, data_dir)
+    info = {**machine(), "command": command, **{k: data[k] for k in ("reference", "reference_scoring")}}
+    info["wall_seconds"] = time.perf_counter() - started
+    print(mixed_report.write(s, data, info, args.out_dir, name, args.json))
+    return 0
+
+
+def machine() -> dict:
+    return {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{os.cpu_count()} CPU cores, no GPU, {platform.platform()}",
+        "torch": torch.__version__,
+    }
 
 
 def render(s: Settings, info: dict, payload: dict, table: str, png: str) -> str:
@@ -515,7 +420,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", help="file name stem of the outputs (default curation or curation-quick)")
     p.add_argument("--seeds", type=int)
     p.add_argument("--steps", type=int)
-    p.add_argument("--runs", help=f"comma-separated subset of {','.join(d.runs)} (uniform is always run)")
+    p.add_argument("--runs", help=f"comma-separated subset of {','.join(d.runs)}, or with --pool mixed of "
+                   f"{','.join(mixed.RUNS + mixed.EXTRA_RUNS)} (uniform is always run)")
     for field in dataclasses.fields(Settings):
         if field.name in ("seeds", "steps", "runs"):
             continue
@@ -537,8 +443,18 @@ def settings_from(args: argparse.Namespace) -> Settings:
         value = getattr(args, field.name, None)
         if value is not None and field.name != "runs":
             values[field.name] = value
+    if values.get("pool", "noisy") not in ("noisy", "mixed"):
+        raise SystemExit(f"--pool must be noisy or mixed, got {values['pool']!r}")
+    mixed_pool = values.get("pool") == "mixed"
+    known = (*mixed.RUNS, *mixed.EXTRA_RUNS) if mixed_pool else Settings.runs
     if args.runs:
         values["runs"] = tuple(dict.fromkeys(["uniform", *args.runs.split(",")]))
+        unknown = [r for r in values["runs"] if r not in known]
+        if unknown:
+            pool = values.get("pool", "noisy")
+            raise SystemExit(f"unknown runs {', '.join(unknown)} for the {pool} pool; known: {', '.join(known)}")
+    elif mixed_pool:
+        values["runs"] = mixed.RUNS
     s = Settings(**values)
     if s.seeds < 1 or s.steps < 1:
         raise SystemExit("--seeds and --steps must be positive")
