@@ -65,7 +65,14 @@ class ClusteredShuffleBuffer:
 
     Rows are addressed by their position in the stream of added tables; a table is released once
     all its rows are drawn, so memory follows what is buffered, not what passed through.
+
+    A cluster the bandit draws less often than its rows arrive keeps a few rows of many old
+    tables waiting; each would hold its whole table and cost a draw one Arrow `take`. So once more
+    than `_MAX_TABLES` tables are held, the rows still waiting in all but the newest are copied into
+    one merged table (rows keep their positions) and the old tables are released.
     """
+
+    _MAX_TABLES = 8
 
     def __init__(
         self,
@@ -75,10 +82,16 @@ class ClusteredShuffleBuffer:
     ) -> None:
         self._rng, self._cluster_of, self._quotas = rng, cluster_of, quotas
         self._rows = ClusterBuffer()
-        self._starts: list[int] = []
+        self._starts = np.zeros(0, np.int64)  # first position of every table added, by key
         self._tables: dict[int, pa.Table] = {}
         self._left: dict[int, int] = {}
         self._next = 0
+        # Rows of tables with keys below `_merged_below`, still waiting at the last merge: row i
+        # of `_merged` is the row at position `_merged_positions[i]` (sorted).
+        self._merged: pa.Table | None = None
+        self._merged_positions = np.zeros(0, np.int64)
+        self._merged_left = 0
+        self._merged_below = 0
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -91,9 +104,11 @@ class ClusteredShuffleBuffer:
         self._rows.add(clusters, np.arange(self._next, self._next + n, dtype=np.int64))
         self._schema = table.schema
         key = len(self._starts)
-        self._starts.append(self._next)
+        self._starts = np.append(self._starts, self._next)
         self._tables[key], self._left[key] = table, n
         self._next += n
+        if len(self._tables) > self._MAX_TABLES:
+            self._merge(key)
 
     def draw(self, k: int) -> pa.Table:
         if k > len(self):
@@ -101,15 +116,51 @@ class ClusteredShuffleBuffer:
         positions = self._rows.draw(self._quotas(k, self._rows.counts()), self._rng)
         if len(positions) != k:
             raise RuntimeError(f"quotas gave {len(positions)} rows for a draw of {k}")
+        # Rows come out grouped by the table they were added in, oldest first, each group in draw
+        # order: a stable sort by owner.
         owners = np.searchsorted(self._starts, positions, side="right") - 1
+        order = np.argsort(owners, kind="stable")
+        positions, owners = positions[order], owners[order]
         parts = []
-        for key in np.unique(owners):
-            mine = positions[owners == key]
-            parts.append(self._tables[int(key)].take(pa.array(mine - self._starts[key])))
-            self._left[int(key)] -= len(mine)
-            if not self._left[int(key)]:
-                del self._tables[int(key)], self._left[int(key)]
+        merged = int(np.searchsorted(owners, self._merged_below))
+        if merged:
+            assert self._merged is not None
+            rows = np.searchsorted(self._merged_positions, positions[:merged])
+            parts.append(self._merged.take(pa.array(rows)))
+            self._merged_left -= merged
+            if not self._merged_left:
+                self._merged, self._merged_positions = None, np.zeros(0, np.int64)
+        keys, firsts = np.unique(owners[merged:], return_index=True)
+        ends = np.append(firsts[1:], len(owners) - merged) + merged
+        for key, first, end in zip(keys.tolist(), (firsts + merged).tolist(), ends.tolist()):
+            parts.append(self._tables[key].take(pa.array(positions[first:end] - self._starts[key])))
+            self._left[key] -= end - first
+            if not self._left[key]:
+                del self._tables[key], self._left[key]
         return pa.concat_tables(parts) if parts else self._schema.empty_table()
+
+    def _merge(self, newest: int) -> None:
+        """Copies the waiting rows of every table older than `newest` into one merged table."""
+        cutoff = int(self._starts[newest])
+        waiting = self._rows.waiting()
+        waiting = np.sort(waiting[waiting < cutoff])
+        owners = np.searchsorted(self._starts, waiting, side="right") - 1
+        parts = []
+        merged = int(np.searchsorted(owners, self._merged_below))
+        if merged:
+            assert self._merged is not None
+            parts.append(self._merged.take(pa.array(np.searchsorted(self._merged_positions, waiting[:merged]))))
+        for key in [k for k in sorted(self._tables) if k < newest]:
+            table = self._tables.pop(key)
+            del self._left[key]
+            lo, hi = np.searchsorted(waiting, [self._starts[key], self._starts[key] + table.num_rows])
+            if hi > lo:
+                parts.append(table.take(pa.array(waiting[lo:hi] - self._starts[key])))
+        # One chunk: a take from a chunked table concatenates all its chunks first, every draw.
+        self._merged = pa.concat_tables(parts).combine_chunks() if parts else None
+        self._merged_positions = waiting
+        self._merged_left = len(waiting)
+        self._merged_below = newest
 
 
 def tail_sizes(remaining: int, emitted: int, batch_size: int, world_size: int) -> list[int]:

@@ -45,12 +45,11 @@ class PoolIndex:
 
     def check_ids(self, ids: np.ndarray) -> None:
         """Raises UnknownSamples naming the first id the pool does not hold."""
-        shards, rows = shard_of(ids), row_of(ids)
-        for shard in np.unique(shards):
-            block = self._learner_loss.get(int(shard))
-            in_shard = shards == shard
-            if block is None or (rows[in_shard] >= len(block)).any():
-                bad = ids[in_shard][0] if block is None else ids[in_shard][rows[in_shard] >= len(block)][0]
+        ids = np.asarray(ids)
+        for shard, at, rows in _by_shard(ids):
+            block = self._learner_loss.get(shard)
+            if block is None or (rows >= len(block)).any():
+                bad = ids[at][0] if block is None else ids[at][rows >= len(block)][0]
                 raise UnknownSamples(f"sample id {int(bad)} is not in the pool")
 
     def has_scores(self, shard_index: int) -> bool:
@@ -94,12 +93,10 @@ class PoolIndex:
 
     def embedding(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
-        shards, rows = shard_of(ids), row_of(ids)
-        first = self._embedding[int(shards[0])]
+        first = self._embedding[int(shard_of(ids[0]))]
         out = np.empty((len(ids), first.shape[1]), dtype=first.dtype)
-        for shard in np.unique(shards):
-            in_shard = shards == shard
-            out[in_shard] = self._embedding[int(shard)][rows[in_shard]]
+        for shard, at, rows in _by_shard(ids):
+            out[at] = self._embedding[shard][rows]
         return out
 
     def unseen_learner_loss(self) -> float:
@@ -118,17 +115,15 @@ class PoolIndex:
         if len(np.unique(ids)) != len(ids):  # coalesced reports may name a sample twice: newest wins
             last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
             ids, losses = ids[last], losses[last]
-        shards, rows = shard_of(ids), row_of(ids)
-        for shard in np.unique(shards):
-            in_shard = shards == shard
-            block, where = self._learner_loss[int(shard)], rows[in_shard]
+        for shard, at, where in _by_shard(ids):
+            block, mine = self._learner_loss[shard], losses[at]
             first = np.isnan(block[where])
             if first.any():
-                fresh = float(losses[in_shard][first].mean())
+                fresh = float(mine[first].mean())
                 a = UNSEEN_LOSS_SMOOTHING
                 self._unseen_loss = fresh if np.isnan(self._unseen_loss) else (1 - a) * self._unseen_loss + a * fresh
-            block[where] = losses[in_shard]
-            self._reported[int(shard)][where] += 1
+            block[where] = mine
+            self._reported[shard][where] += 1
         self.feedback_samples += reported
 
     def learner_loss(self, ids: np.ndarray) -> np.ndarray:
@@ -138,10 +133,8 @@ class PoolIndex:
     def _gather(columns: dict[int, np.ndarray], ids: np.ndarray, fill=np.nan, dtype=np.float32) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         out = np.full(len(ids), fill, dtype=dtype)
-        shards, rows = shard_of(ids), row_of(ids)
-        for shard in np.unique(shards):
-            in_shard = shards == shard
-            out[in_shard] = columns[int(shard)][rows[in_shard]]
+        for shard, at, rows in _by_shard(ids):
+            out[at] = columns[shard][rows]
         return out
 
     def get_state(self) -> dict[str, np.ndarray]:
@@ -176,3 +169,20 @@ class PoolIndex:
         pool._unseen_loss = float(state["unseen_loss"])
         pool.feedback_samples = int(state["feedback_samples"])
         return pool
+
+
+def _by_shard(ids: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """(shard, positions in ids, rows) per shard the ids name, shards ascending, positions ascending.
+
+    One stable sort instead of a comparison over every id per shard: a super-batch drawn late in
+    a long epoch spans a dozen shards or more, and every pool lookup of a batch goes through here.
+    """
+    shards, rows = shard_of(ids), row_of(ids)
+    if not len(shards):
+        return []
+    if shards[0] == shards[-1] and (shards == shards[0]).all():
+        return [(int(shards[0]), np.arange(len(shards)), rows)]
+    order = np.argsort(shards, kind="stable")
+    ordered = shards[order]
+    cuts = [0, *(np.flatnonzero(ordered[1:] != ordered[:-1]) + 1).tolist(), len(order)]
+    return [(int(ordered[a]), order[a:b], rows[order[a:b]]) for a, b in zip(cuts[:-1], cuts[1:])]

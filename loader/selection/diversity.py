@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from loader.selection.selectors import Selection, Selector
+from loader.selection.selectors import Selection, Selector, topk
 
 __all__ = ["EmbeddingMemory", "select_diverse", "unit_rows"]
 
@@ -147,6 +147,10 @@ def select_diverse(
     in the step that chose it, and every other candidate's in the last step, each multiplied by
     (candidates left in that step) / n so that steps compare (a uniform step gives every candidate
     1/n). With lam = 0 the selector runs once on the plain scores and its own Selection is returned.
+
+    With `topk`, candidates that k others beat even after the largest penalty possible are left
+    out of the similarity products (see `_topk_contenders`); indices and probs are the same as
+    with all of them in.
     """
     s = np.asarray(scores)
     if s.ndim != 1:
@@ -167,8 +171,15 @@ def select_diverse(
         raise ValueError(f"embeddings have dimension {e.shape[1]}, the memory holds {memory.dim}")
     s = s.astype(np.float64, copy=False)
 
-    nearest = memory.max_similarity(e) if memory is not None else np.full(n, -1.0, np.float32)
-    left = np.ones(n, dtype=bool)
+    # Top-k only: candidates it can never choose are left out of every product below (the memory
+    # product is most of the cost). Other selectors draw from every candidate's probability.
+    live = _topk_contenders(s, k, lam * _penalty_bound(e.shape[1], memory)) if selector is topk else None
+    where = np.arange(n) if live is None else live  # position in the candidates of each row worked on
+    if live is not None:
+        e, s = e[live], s[live]
+    m = len(s)
+    nearest = memory.max_similarity(e) if memory is not None else np.full(m, -1.0, np.float32)
+    left = np.ones(m, dtype=bool)
     chosen: list[np.ndarray] = []
     probs = np.zeros(n)
     taken = 0
@@ -177,22 +188,59 @@ def select_diverse(
         step = selector(
             s[remaining] - lam * np.maximum(nearest[remaining], 0.0), min(chunk, k - taken), beta, rng
         )
-        scale = len(remaining) / n if n else 0.0
+        # Candidates not chosen yet, left-out ones included.
+        scale = (n - taken) / n if n else 0.0
         picked = remaining[step.indices]
-        probs[picked] = step.probs[step.indices] * scale
-        chosen.append(picked)
+        if live is None:
+            probs[picked] = step.probs[step.indices] * scale
+        else:
+            # What topk's uniform probs give every one of the n - taken candidates in this step.
+            probs[where[picked]] = (1.0 / (n - taken)) * scale
+        chosen.append(where[picked])
         taken += len(picked)
         left[picked] = False
         if taken >= k:
             # Everyone not chosen keeps the probability of the last step.
-            rest = ~np.isin(remaining, picked)
-            probs[remaining[rest]] = step.probs[rest] * scale
+            if live is None:
+                rest = ~np.isin(remaining, picked)
+                probs[remaining[rest]] = step.probs[rest] * scale
+            else:
+                rest = np.ones(n, dtype=bool)
+                rest[np.concatenate(chosen)] = False
+                probs[rest] = (1.0 / (n - taken + len(picked))) * scale
             break
         np.maximum(nearest, (e @ e[picked].T).max(axis=1), out=nearest)
 
     indices = np.concatenate(chosen).astype(np.int64) if chosen else np.zeros(0, np.int64)
     total = probs.sum()
     return Selection(indices, probs / total if total > 0 else _uniform(n))
+
+
+def _penalty_bound(dim: int, memory: EmbeddingMemory | None) -> float:
+    """An upper bound on max(0, similarity) for `select_diverse`'s candidates: 1 for unit rows,
+    plus float32 rounding (about dim ulps), times the longest memory row (measured, not assumed:
+    `from_state` writes rows back as they were stored)."""
+    longest = 1.0
+    if memory is not None and len(memory):
+        rows = memory._rows[: len(memory)]
+        longest = max(1.0, float(np.sqrt(np.einsum("ij,ij->i", rows, rows).max())))
+    return longest * (1.0 + 1e-3 + dim * 2.4e-7)
+
+
+def _topk_contenders(s: np.ndarray, k: int, max_penalty: float) -> np.ndarray | None:
+    """Positions top-k could still choose in `select_diverse`, or None to keep all.
+
+    Penalties only lower scores, by at most `max_penalty`. A candidate scoring below the k-th
+    largest of (score - max_penalty) is beaten by k candidates whatever happens, so no step of
+    top-k picks it, and leaving it out changes neither the choice nor the tie order of the rest.
+    """
+    n = len(s)
+    if k == 0 or k >= n or np.isnan(s).any():  # NaN: let topk report it as it does
+        return None
+    floor = s - max_penalty
+    kth = np.partition(floor, n - k)[n - k]
+    keep = ~(s < kth)
+    return None if keep.all() else np.flatnonzero(keep)
 
 
 def _uniform(n: int) -> np.ndarray:

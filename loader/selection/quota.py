@@ -32,6 +32,11 @@ class ClusterBuffer:
         """int64 [num_clusters]: rows waiting in each cluster."""
         return self._count.copy()
 
+    def waiting(self) -> np.ndarray:
+        """int64: every row waiting, in no particular order."""
+        held = [store[:n] for store, n in zip(self._rows, self._count.tolist()) if n]
+        return np.concatenate(held) if held else np.zeros(0, np.int64)
+
     def add(self, cluster_ids: npt.ArrayLike, rows: npt.ArrayLike) -> None:
         ids = np.asarray(cluster_ids)
         values = np.asarray(rows)
