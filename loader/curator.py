@@ -133,7 +133,9 @@ class Curator:
         if options.bandit != "none":
             from loader.selection.clusters import OnlineClusters  # scikit-learn: only when used
 
-            self.clusters = OnlineClusters(max_clusters=options.max_clusters, seed=spec.seed)
+            # Warm start with up to 8 clusters (as OnlineClusters does), never more than the cap.
+            init = min(8, options.max_clusters)
+            self.clusters = OnlineClusters(max_clusters=options.max_clusters, init_clusters=init, seed=spec.seed)
             self.bandit = get_bandit(options.bandit)(gamma=options.gamma, eta=options.eta, seed=spec.seed)
         if options.diversity > 0:
             self.memory = EmbeddingMemory(options.memory_size)

@@ -141,3 +141,13 @@ def test_a_fully_read_shard_is_not_read_again_after_a_restart(tmp_path) -> None:
     assert after.start_epoch(0, records()) == []
     after.finish_reading(0)
     assert len(np.concatenate(served_ids(after))) == SHARDS * ROWS
+
+
+@pytest.mark.parametrize("max_clusters", [1, 3, 8])
+def test_a_small_cluster_cap_is_a_valid_job(tmp_path, max_clusters) -> None:
+    spec = JobSpec(job="j", batch_size=8, world_size=1, policy="learnability", seed=0,
+                   options=SelectionOptions(keep_ratio=0.5, bandit="exp3", max_clusters=max_clusters))  # fmt: skip
+    curator = Curator(spec, CuratorSettings(shuffle_rows=0, ready_batches=1))
+    curator.start_epoch(0, records())
+    assert curator.add_shard(0, 0, shard(0), scores(0)) == ""
+    assert 1 <= curator.clusters.num_clusters <= max_clusters
