@@ -114,17 +114,21 @@ class CuratorActor:
                 self._store.remove(name)
 
     async def checkpoint(self) -> None:
-        """Writes what selection has learned; the file write runs off the event loop."""
-        if self._checkpointing is not None:
+        """Writes what selection has learned, after any periodic write still in progress."""
+        if self._checkpointing is not None and not self._checkpointing.done():
             await self._checkpointing
+        await self._write_checkpoint()
+
+    async def _write_checkpoint(self) -> None:
         state = self._core.get_state()
         self._checkpointed = time.monotonic()
+        # The file write runs off the event loop; `state` is a copy, so selection may go on.
         await asyncio.to_thread(self._store.save_arrays, f"{self._folder}/soft.npz", state)
 
     def _checkpoint_if_due(self) -> None:
         busy = self._checkpointing is not None and not self._checkpointing.done()
-        if not busy and time.monotonic() - self._checkpointed >= CHECKPOINT_EVERY_S:
-            self._checkpointing = asyncio.get_running_loop().create_task(self.checkpoint())
+        if not busy and time.monotonic() - self._checkpointed >= self._core.settings.checkpoint_s:
+            self._checkpointing = asyncio.get_running_loop().create_task(self._write_checkpoint())
 
     # -- reading ---------------------------------------------------------------------------------
 

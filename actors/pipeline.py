@@ -49,7 +49,9 @@ class Pipeline:
         self._owns_state = config.state_dir is None
         self.state_dir = tempfile.mkdtemp(prefix="loader-state-") if self._owns_state else os.path.abspath(config.state_dir)
         self._store = StateStore(self.state_dir)
-        self._settings = CuratorSettings(shuffle_rows=config.shuffle_rows, ready_batches=config.ready_batches)
+        self._settings = CuratorSettings(
+            shuffle_rows=config.shuffle_rows, ready_batches=config.ready_batches, checkpoint_s=config.checkpoint_s
+        )
         self._registry = RegistryActor.remote(self.state_dir)
         self._readers = [ShardReaderActor.remote(config.reader_cache_mb << 20) for _ in range(config.readers)]
         # Scorers start with the first job that needs them: a uniform-only service never pays for

@@ -53,6 +53,8 @@ class ServiceConfig:
     # A job with no trainer connected for this long is checkpointed and its curator released; a
     # later Hello brings it back from its saved state.
     job_idle_s: float = 600.0
+    # How often each job's selection state (learner losses, clusters, bandit, memory) is saved.
+    checkpoint_s: float = 30.0
     # Folder for the registry, scores, selection state and batch journals; None: a private
     # temporary folder for this service's lifetime (enough for actor restarts, not for its own).
     state_dir: str | None = None
@@ -130,7 +132,7 @@ def _normalise(key: str, value: Any) -> Any:
         if value < (0 if key in _NON_NEGATIVE_INTS else 1):
             raise ConfigError(key, f"must be {'non-negative' if key in _NON_NEGATIVE_INTS else 'positive'}, got {value}")
         return value
-    if key in ("hello_timeout_s", "job_idle_s"):
+    if key in ("hello_timeout_s", "job_idle_s", "checkpoint_s"):
         _check_type(key, value, (int, float))
         if not 0 < value < float("inf"):
             raise ConfigError(key, f"must be a positive finite number, got {value}")

@@ -56,6 +56,8 @@ class CuratorSettings:
     shuffle_rows: int = 4096
     ready_batches: int = 16
     keep_epochs: int = 2
+    # How often what selection has learned is written to the state folder (journals: per batch).
+    checkpoint_s: float = 30.0
 
 
 @dataclasses.dataclass

@@ -41,10 +41,16 @@ def restartable(serve, pool, tmp_path):
     paths, weights = pool
     reference = {"factory": "loader.models:mlp", "weights": weights}
 
-    def start():
-        return serve(paths, shuffle_rows=256, ready_batches=1, reference=reference, state_dir=str(tmp_path / "state"))
+    started = []
 
-    return start
+    def start():
+        started.append(serve(paths, shuffle_rows=256, ready_batches=1, reference=reference,
+                             state_dir=str(tmp_path / "state")))  # fmt: skip
+        return started[-1]
+
+    yield start
+    for service in started:  # each holds CPU shares of the 2-CPU test Ray until stopped
+        service.stop()
 
 
 def take(loader: RemoteLoader, batches: int, report: bool = False) -> list[np.ndarray]:
@@ -126,3 +132,19 @@ def test_a_restarted_service_refuses_a_job_name_with_other_settings(restartable)
         take(RemoteLoader(again.address, job="fixed", batch_size=16), 1)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "batch_size=8" in caught.value.details()
+
+
+def test_frequent_checkpoints_run_alongside_serving_and_feedback(serve, pool, tmp_path):
+    paths, weights = pool
+    state = tmp_path / "frequent"
+    service = serve(paths, shuffle_rows=256, ready_batches=1, state_dir=str(state), checkpoint_s=0.01,
+                    reference={"factory": "loader.models:mlp", "weights": weights})  # fmt: skip
+    loader = RemoteLoader(service.address, job="often", batch_size=16, timeout_s=60, **CURATED)
+    served = 0
+    for batch in loader:  # every report is a chance for a periodic checkpoint
+        loader.report(batch, np.ones(len(batch["_id"]), np.float32))
+        served += len(batch["_id"])
+    loader.close()
+    assert served == pytest.approx(rows_in(paths) * 0.5, abs=16)
+    assert list(state.glob("jobs/often-*/soft.npz")), "no checkpoint was written"
+    service.stop()
