@@ -48,3 +48,23 @@ def blobs(rng: np.random.Generator, centroids: np.ndarray, rows: int) -> dict[st
     y = rng.integers(0, len(centroids), size=rows)
     x = (centroids[y] + rng.normal(size=(rows, centroids.shape[1]))).astype(np.float32)
     return {"x": x, "y": y.astype(np.int64)}
+
+
+def blob_pool(root, seed: int, shards: int, reference_epochs: int, rows: int = 128) -> tuple[list[str], str]:
+    """Parquet shards of Gaussian blobs and an MLP reference trained on a clean holdout of the
+    same distribution: (shard paths, reference weights path)."""
+    from loader.reference import train_reference
+    from loader.scoring import ModelSpec
+    from loader.sources.writers import write_parquet
+
+    rng = np.random.default_rng(seed)
+    centroids = rng.normal(size=(10, 40)).astype(np.float32) * 2
+    paths = []
+    for i in range(shards):
+        paths.append(str(root / f"train-{i:06d}.parquet"))
+        write_parquet(paths[-1], blobs(rng, centroids, rows))
+    holdout = str(root / "holdout.parquet")
+    write_parquet(holdout, blobs(rng, centroids, 256))
+    weights = str(root / "ref.pt")
+    train_reference(ModelSpec("loader.models:mlp"), [holdout], weights, epochs=reference_epochs, progress=False)
+    return paths, weights

@@ -12,10 +12,7 @@ import pytest
 import ray
 
 from loader import RemoteLoader
-from loader.reference import train_reference
-from loader.scoring import ModelSpec
-from loader.sources.writers import write_parquet
-from tests.helpers import blobs, rows_in
+from tests.helpers import blob_pool, rows_in
 
 BATCH = 32
 BEFORE_KILL = 3
@@ -23,18 +20,7 @@ BEFORE_KILL = 3
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    rng = np.random.default_rng(11)
-    centroids = rng.normal(size=(10, 40)).astype(np.float32) * 2
-    paths = []
-    for i in range(8):
-        paths.append(str(root / f"train-{i:06d}.parquet"))
-        write_parquet(paths[-1], blobs(rng, centroids, 128))
-    holdout = str(root / "holdout.parquet")
-    write_parquet(holdout, blobs(rng, centroids, 256))
-    weights = str(root / "ref.pt")
-    train_reference(ModelSpec("loader.models:mlp"), [holdout], weights, epochs=3, progress=False)
-    return paths, weights
+    return blob_pool(tmp_path_factory.mktemp("faults"), seed=11, shards=8, reference_epochs=3)
 
 
 @pytest.fixture(scope="module")

@@ -10,29 +10,14 @@ import numpy as np
 import pytest
 
 from loader import RemoteLoader
-from loader.models import mlp
-from loader.reference import train_reference
-from loader.scoring import ModelSpec
-from loader.sources.writers import write_parquet
-from tests.helpers import blobs, rows_in
+from tests.helpers import blob_pool, rows_in
 
 CURATED = dict(policy="learnability+bandit+diversity", options={"keep_ratio": 0.5, "max_clusters": 8})
 
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    root = tmp_path_factory.mktemp("restart")
-    rng = np.random.default_rng(7)
-    centroids = rng.normal(size=(10, 40)).astype(np.float32) * 2
-    paths = []
-    for i in range(6):
-        paths.append(str(root / f"train-{i:06d}.parquet"))
-        write_parquet(paths[-1], blobs(rng, centroids, 128))
-    holdout = str(root / "holdout.parquet")
-    write_parquet(holdout, blobs(rng, centroids, 256))
-    weights = str(root / "ref.pt")
-    train_reference(ModelSpec("loader.models:mlp"), [holdout], weights, epochs=5, progress=False)
-    return paths, weights
+    return blob_pool(tmp_path_factory.mktemp("restart"), seed=7, shards=6, reference_epochs=5)
 
 
 @pytest.fixture
