@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from actors.routing import learner_scorer
 from loader.curator import Curator, CuratorSettings, Failed, JobSpec, Lookup, Materialize, Pending, Ready
@@ -57,8 +57,11 @@ class CuratorActor:
         async with self._condition():
             self._condition().notify_all()
 
-    async def next_batch(self, rank: int, epoch: int, seq: int) -> Lookup:
-        """Waits until this rank's batch `seq` of `epoch` exists or the epoch has ended."""
+    async def next_batch(self, rank: int, epoch: int, seq: int, acked: int = -1) -> Lookup:
+        """Waits until this rank's batch `seq` of `epoch` exists or the epoch has ended. `acked`
+        carries the rank's newest acknowledgement of `epoch`, saving the gateway an `ack` call."""
+        if acked >= 0:
+            self._core.ack(rank, epoch, acked)
         feeder = self._feeders.get(epoch)
         if feeder is None:
             feeder = self._feeders[epoch] = asyncio.get_running_loop().create_task(self._feed(epoch))
@@ -138,25 +141,32 @@ class CuratorActor:
 
     async def _read(self, uri: str, index: int) -> tuple[ReadResult, tuple | None]:
         """Reads a shard and, when the policy needs them and the pool lacks them, its reference
-        scores. The table goes from reader to scorer as an object ref, never through here."""
-        # A reader that dies mid-read is restarted by Ray; the shard goes to the next reader.
+        scores. The reader hands out a reference to the decoded shard in the object store (put
+        there once while the reader caches it); the scorer gets that reference, not a copy."""
+        # A reader that dies mid-read is restarted by Ray; the shard goes to the next reader. The
+        # objects a reader owns die with it: a shard lost so is read again the same way.
         for attempt in range(READ_ATTEMPTS):
-            ref = self._reader(index, attempt).read.remote(uri, index)
             try:
-                result = await ref
+                shard = await self._reader(index, attempt).read.remote(uri, index)
+                if shard.error:
+                    return ReadResult(index, uri, error=shard.error), None
+                result = await shard.ref  # zero-copy from the object store on this node
                 scores = None
-                if not result.error and self._core.schema is not None:
+                if self._core.schema is not None:
                     # Before scoring: the reference model would fail on a shard without its columns.
                     problem = mismatch_reason(result.table.schema, self._core.schema)
                     if problem:
                         return ReadResult(index, uri, error=problem), None
-                if not result.error and self._core.needs_scores and not self._core.pool.has_scores(index):
+                if self._core.needs_scores and not self._core.pool.has_scores(index):
                     try:
-                        scores = await self._scorers[index % len(self._scorers)].score.remote(ref)
-                    except RayTaskError as exc:  # the shard's rows do not fit the model: its problem
-                        return ReadResult(index, uri, error=f"reference scoring failed: {exc.cause!r}"), None
+                        scores = await self._scorers[index % len(self._scorers)].score.remote(shard.ref)
+                    except RayTaskError as exc:
+                        if not isinstance(exc.cause, ObjectLostError):  # the rows do not fit the model
+                            return ReadResult(index, uri, error=f"reference scoring failed: {exc.cause!r}"), None
+                        log.warning("the shard %s was lost before it was scored (%r); retrying", uri, exc.cause)
+                        continue
                 return result, scores
-            except RayActorError as exc:
+            except (RayActorError, ObjectLostError) as exc:
                 log.warning("an actor died while reading or scoring %s (%s); retrying", uri, exc)
         return ReadResult(index, uri, error=f"actors died {READ_ATTEMPTS} times reading it"), None
 
@@ -203,7 +213,8 @@ class CuratorActor:
         if not self._core.needs_snapshot:
             return
         for candidates in self._core.take_candidates(epoch):
-            losses = await self._learner_scorer.learner_loss.remote(self._core.spec.job, candidates)
+            # The scorer's forward pass needs every candidate's inputs: the one full copy.
+            losses = await self._learner_scorer.learner_loss.remote(self._core.spec.job, candidates.take())
             self._core.select(epoch, candidates, losses)
 
     async def _accept(self, epoch: int, result: ReadResult, scores: tuple | None) -> None:

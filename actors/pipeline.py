@@ -93,7 +93,9 @@ class Pipeline:
         needs_scores = policy.needs_reference or spec.options.needs_embeddings
         if needs_scores and self.config.reference is None:
             raise JobConflict(f"policy {spec.policy!r} needs a reference model; set `reference` in the service config")
-        if needs_scores or policy.needs_learner:
+        # Learner losses come from a scorer in snapshot mode only; feedback mode takes the losses
+        # trainers report, and a policy without a reference model then needs no scorer at all.
+        if needs_scores or (policy.needs_learner and spec.options.learner_loss == "snapshot"):
             self._start_scorers()
         curator = CuratorActor.remote(
             spec, self._settings, self._registry, self._readers, self._scorers, self.config.prefetch_shards,
@@ -147,8 +149,8 @@ class Pipeline:
         return self._jobs[job][1]
 
     @staticmethod
-    def next_batch(curator, rank: int, epoch: int, seq: int):
-        return curator.next_batch.remote(rank, epoch, seq)
+    def next_batch(curator, rank: int, epoch: int, seq: int, acked: int = -1):
+        return curator.next_batch.remote(rank, epoch, seq, acked)
 
     @staticmethod
     def ack(curator, rank: int, epoch: int, seq: int) -> None:

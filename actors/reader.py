@@ -1,11 +1,29 @@
-"""ShardReader actors: decode one shard per call into an Arrow table with sample ids."""
+"""ShardReader actors: decode one shard per call into an Arrow table with sample ids.
+
+A decoded shard goes into Ray's object store once (`ray.put`) and the reader's cache keeps the
+reference: every later read of it hands out that reference, so serving a cached shard costs no
+copy. The reader owns those objects; if it dies they are lost and its callers read again.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import ray
 
-from loader.reader import ReadResult, read_with_ids
+from loader.reader import read_with_ids
 from loader.shard_cache import ShardCache
+
+
+@dataclasses.dataclass
+class ShardRef:
+    """What `read` returns: a reference to the shard's `ReadResult` in the object store, or why
+    the shard cannot be read. (Wrapped, so that Ray hands the caller the reference itself.)"""
+
+    index: int
+    uri: str
+    ref: ray.ObjectRef | None = None
+    error: str = ""
 
 
 # Its calls are pure, so Ray may repeat one cut off by a crash on the restarted actor; a shard that
@@ -13,12 +31,15 @@ from loader.shard_cache import ShardCache
 @ray.remote(num_cpus=0.25, max_restarts=-1, max_task_retries=3)
 class ShardReaderActor:
     def __init__(self, cache_bytes: int = 0) -> None:
-        self._cache = ShardCache(cache_bytes)
+        self._cache: ShardCache[ShardRef] = ShardCache(cache_bytes)
 
-    def read(self, uri: str, index: int) -> ReadResult:
-        result = self._cache.get(uri, index)
-        if result is None:
+    def read(self, uri: str, index: int) -> ShardRef:
+        shard = self._cache.get(uri, index)
+        if shard is None:
             before = self._cache.identity(uri, index)
             result = read_with_ids(uri, index)
-            self._cache.put(result, before)
-        return result
+            if result.table is None:
+                return ShardRef(index, uri, error=result.error)
+            shard = ShardRef(index, uri, ray.put(result))
+            self._cache.put(uri, index, shard, result.table.nbytes, before)
+        return shard

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from loader import codec
-from loader.epoch import ClusteredShuffleBuffer, EpochAssembler, ShuffleBuffer
+from loader.epoch import Candidates, ClusteredShuffleBuffer, EpochAssembler, ShuffleBuffer
 from loader.ids import shard_of
 from loader.pool import PoolIndex, UnknownSamples
 from loader.registry import ShardRecord
@@ -240,8 +240,9 @@ class Curator:
         run = self.epochs[epoch]
         return len(run.ids) <= run.wanted + self.settings.ready_batches * self.spec.world_size
 
-    def take_candidates(self, epoch: int) -> list[pa.Table]:
-        """Super-batches ready for selection, in order; each must go through `select`."""
+    def take_candidates(self, epoch: int) -> list[Candidates]:
+        """Super-batches ready for selection, in order; each must go through `select`. Their rows
+        stay in the shuffle buffer's tables until `select` copies the kept ones."""
         run = self.epochs[epoch]
         candidates = run.assembler.pop_ready()
         run.selecting += len(candidates)
@@ -251,13 +252,13 @@ class Curator:
         for candidates in self.take_candidates(epoch):
             self.select(epoch, candidates)
 
-    def select(self, epoch: int, candidates: pa.Table, learner_loss: np.ndarray | None = None) -> None:
+    def select(self, epoch: int, candidates: Candidates, learner_loss: np.ndarray | None = None) -> None:
         """Keeps the policy's choice of `candidates` as the epoch's next batch; the rest of the
-        super-batch is not served this epoch."""
+        super-batch is not served this epoch. `learner_loss` is per candidate, in their order."""
         started = time.perf_counter()
         run = self.epochs[epoch]
         run.selecting -= 1
-        ids = candidates.column(codec.ID).to_numpy()
+        ids = candidates.ids
         ref_loss = self.pool.reference_loss(ids) if self.policy.needs_reference else None
         if self.policy.needs_learner and learner_loss is None:
             learner_loss = fill_missing(self.pool.learner_loss(ids), self.pool.unseen_learner_loss())
@@ -268,7 +269,10 @@ class Curator:
             k, ref_loss=ref_loss, learner_loss=learner_loss, n=len(ids), rng=run.rng, progress=progress,
             embeddings=embeddings, memory=self.memory,
         )  # fmt: skip
-        table = candidates.take(pa.array(picks))
+        # Rows leave in candidate order, each copied once, straight from the shard tables.
+        order = np.argsort(picks, kind="stable")
+        picks, weights = picks[order], np.asarray(weights)[order]
+        table = candidates.take(picks)
         kept = ids[picks]
         if self.memory is not None:
             self.memory.add(embeddings[picks])
@@ -353,6 +357,7 @@ class Curator:
             "samples_considered": self.samples_considered,
             "selection_seconds": self.selection_seconds,
             "selections": self.selections,
+            "unacked_batches": sum(len(run.payloads) for run in self.epochs.values()),
             "options": {k: str(v) for k, v in dataclasses.asdict(self.spec.options).items()},
             "clusters": self.cluster_stats(),
         }

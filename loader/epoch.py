@@ -4,6 +4,9 @@ Global batch g goes to rank g % world_size. Every row added is emitted exactly o
 gets the same number of batches: while shards are still arriving only full batches leave, and a
 reserve of world_size * batch_size rows is held back so the tail can be split evenly across ranks
 once the epoch's size is known.
+
+Buffers hand out `Candidates`: the ids of the rows drawn, with the rows themselves left where
+they are until a policy has chosen which to keep, so only kept rows are ever copied.
 """
 
 from __future__ import annotations
@@ -15,61 +18,201 @@ import numpy as np
 import pyarrow as pa
 
 from loader.codec import ID
+from loader.gather import Group, gather_rows
 from loader.selection.quota import ClusterBuffer
 
 
-class ShuffleBuffer:
-    """Rows waiting to be drawn, sampled uniformly without replacement.
+class Candidates:
+    """Rows drawn from a buffer, grouped by the table they sit in: ids now, rows on `take`."""
 
-    Drawing swaps removed positions out of an index array, so a draw costs O(batch) and the table
-    is only rebuilt when new rows arrive.
+    def __init__(self, schema: pa.Schema, ids: np.ndarray, groups: list[Group]) -> None:
+        self.schema, self.ids, self._groups = schema, ids, groups
+        self._ends = np.cumsum([len(rows) for _, rows in groups], dtype=np.int64)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.ids)
+
+    def take(self, picks: np.ndarray | None = None) -> pa.Table:
+        """The rows at `picks` (ascending positions into `ids`; all rows when None), one copy."""
+        if picks is None:
+            return gather_rows(self.schema, self._groups)
+        picks = np.asarray(picks, dtype=np.int64)
+        if len(picks) > 1 and (np.diff(picks) <= 0).any():
+            raise ValueError("picks must be strictly increasing")
+        if len(picks) and not 0 <= picks[0] <= picks[-1] < len(self.ids):
+            raise IndexError(f"picks outside 0..{len(self.ids) - 1}")
+        bounds = np.searchsorted(picks, self._ends)
+        groups, lo, start = [], 0, 0
+        for (table, rows), hi, end in zip(self._groups, bounds.tolist(), self._ends.tolist()):
+            if hi > lo:
+                groups.append((table, rows[picks[lo:hi] - start]))
+            lo, start = hi, end
+        return gather_rows(self.schema, groups)
+
+
+class _Rows:
+    """The tables a buffer holds, with every row addressed by its position in the stream of rows
+    added. A table is released once all its rows are drawn, so memory follows what is waiting.
+
+    Rows drawn at random leave a few waiting rows in many old tables, and each would hold its
+    whole table. So when old tables hold too much besides their waiting rows, or too many are held
+    (each costs a draw one more gather), the waiting rows of all but the newest are copied into
+    one merged table (rows keep their positions) and those tables are released.
     """
+
+    def __init__(self, max_tables: int) -> None:
+        self._max_tables = max_tables
+        self.schema: pa.Schema | None = None
+        self._starts = np.zeros(0, np.int64)  # first position of every table added, by key
+        self._tables: dict[int, pa.Table] = {}
+        self._ids: dict[int, np.ndarray] = {}
+        self._left: dict[int, int] = {}
+        self._held = 0  # rows of every held table, merged included
+        self._next = 0
+        # Rows of tables with keys below `_merged_below`, still waiting at the last merge: row i
+        # of `_merged` is the row at position `_merged_positions[i]` (sorted).
+        self._merged: pa.Table | None = None
+        self._merged_ids = np.zeros(0, np.int64)
+        self._merged_positions = np.zeros(0, np.int64)
+        self._merged_left = 0
+        self._merged_below = 0
+
+    @property
+    def held_rows(self) -> int:
+        return self._held
+
+    def add(self, table: pa.Table) -> np.ndarray:
+        """Positions of the table's rows."""
+        n = table.num_rows
+        self.schema = table.schema
+        key = len(self._starts)
+        self._starts = np.append(self._starts, self._next)
+        self._tables[key], self._left[key] = table, n
+        self._ids[key] = np.asarray(table.column(ID).to_numpy(), np.int64)
+        self._held += n
+        self._next += n
+        return np.arange(self._next - n, self._next, dtype=np.int64)
+
+    def take(self, positions: np.ndarray) -> Candidates:
+        """Candidates for `positions` (each drawn once), grouped by table, oldest first, each
+        group in the order given: a stable sort by owner."""
+        owners = np.searchsorted(self._starts, positions, side="right") - 1
+        order = np.argsort(owners, kind="stable")
+        positions, owners = positions[order], owners[order]
+        groups: list[Group] = []
+        ids = []
+        merged = int(np.searchsorted(owners, self._merged_below))
+        if merged:
+            assert self._merged is not None
+            rows = np.searchsorted(self._merged_positions, positions[:merged])
+            groups.append((self._merged, rows))
+            ids.append(self._merged_ids[rows])
+            self._merged_left -= merged
+            if not self._merged_left:
+                self._held -= self._merged.num_rows
+                self._merged, self._merged_positions, self._merged_ids = None, np.zeros(0, np.int64), np.zeros(0, np.int64)
+        keys, firsts = np.unique(owners[merged:], return_index=True)
+        ends = np.append(firsts[1:], len(owners) - merged) + merged
+        for key, first, end in zip(keys.tolist(), (firsts + merged).tolist(), ends.tolist()):
+            rows = positions[first:end] - self._starts[key]
+            groups.append((self._tables[key], rows))
+            ids.append(self._ids[key][rows])
+            self._left[key] -= end - first
+            if not self._left[key]:
+                self._release(key)
+        assert self.schema is not None
+        return Candidates(self.schema, np.concatenate(ids) if ids else np.zeros(0, np.int64), groups)
+
+    def merge_if_due(self, waiting: Callable[[], np.ndarray]) -> None:
+        """Merges the old tables' waiting rows if they hold too much; `waiting` lists every
+        position still waiting."""
+        if len(self._tables) < 2:
+            return
+        newest = len(self._starts) - 1
+        old_held = self._held - self._tables[newest].num_rows
+        old_waiting = self._merged_left + sum(self._left[k] for k in self._tables if k != newest)
+        if len(self._tables) > self._max_tables or old_held > 2 * old_waiting + 1024:
+            self._merge(newest, waiting())
+
+    def _release(self, key: int) -> None:
+        self._held -= self._tables.pop(key).num_rows
+        del self._ids[key], self._left[key]
+
+    def _merge(self, newest: int, waiting: np.ndarray) -> None:
+        """Copies the waiting rows of every table older than `newest` into one merged table."""
+        cutoff = int(self._starts[newest])
+        waiting = np.sort(waiting[waiting < cutoff])
+        owners = np.searchsorted(self._starts, waiting, side="right") - 1
+        groups: list[Group] = []
+        ids = []
+        merged = int(np.searchsorted(owners, self._merged_below))
+        if merged:
+            assert self._merged is not None
+            rows = np.searchsorted(self._merged_positions, waiting[:merged])
+            groups.append((self._merged, rows))
+            ids.append(self._merged_ids[rows])
+            self._held -= self._merged.num_rows
+        for key in [k for k in sorted(self._tables) if k < newest]:
+            table = self._tables[key]
+            lo, hi = np.searchsorted(waiting, [self._starts[key], self._starts[key] + table.num_rows])
+            rows = waiting[lo:hi] - self._starts[key]
+            if len(rows):
+                groups.append((table, rows))
+                ids.append(self._ids[key][rows])
+            self._release(key)
+        assert self.schema is not None
+        self._merged = gather_rows(self.schema, groups) if groups else None
+        self._merged_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        self._merged_positions = waiting
+        self._merged_left = len(waiting)
+        self._merged_below = newest
+        self._held += len(waiting)
+
+
+class ShuffleBuffer:
+    """Rows waiting to be drawn, sampled uniformly without replacement."""
+
+    # Tables held before their waiting rows are merged: a draw gathers from each one it touches.
+    _MAX_TABLES = 64
 
     def __init__(self, rng: np.random.Generator) -> None:
         self._rng = rng
-        self._table: pa.Table | None = None
+        self._store = _Rows(self._MAX_TABLES)
+        # Positions waiting, in the order they were added, less those drawn.
         self._alive = np.empty(0, dtype=np.int64)
-        self._pending: list[pa.Table] = []
-        self._pending_rows = 0
 
     def __len__(self) -> int:
-        return len(self._alive) + self._pending_rows
+        return len(self._alive)
+
+    def held_rows(self) -> int:
+        """Rows in the tables held: those waiting, and the drawn rows of tables not released."""
+        return self._store.held_rows
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows:
-            self._pending.append(table)
-            self._pending_rows += table.num_rows
+            self._alive = np.concatenate([self._alive, self._store.add(table)])
+            self._store.merge_if_due(lambda: self._alive)
 
-    def _compact(self) -> None:
-        parts = [] if self._table is None else [self._table.take(self._alive)]
-        self._table = pa.concat_tables(parts + self._pending).combine_chunks()
-        self._alive = np.arange(self._table.num_rows, dtype=np.int64)
-        self._pending, self._pending_rows = [], 0
-
-    def draw(self, k: int) -> pa.Table:
-        if self._pending:
-            self._compact()
-        if k > len(self._alive):
-            raise ValueError(f"cannot draw {k} rows from a buffer of {len(self._alive)}")
+    def draw(self, k: int) -> Candidates:
         n = len(self._alive)
+        if k > n:
+            raise ValueError(f"cannot draw {k} rows from a buffer of {n}")
+        if self._store.schema is None:
+            return Candidates(pa.schema([]), np.zeros(0, np.int64), [])
         picks = self._rng.choice(n, size=k, replace=False)
-        rows = self._alive[picks]
+        positions = self._alive[picks]
         keep = np.ones(n, dtype=bool)
         keep[picks] = False
         self._alive = self._alive[keep]
-        return self._table.take(rows)
+        return self._store.take(positions)
 
 
 class ClusteredShuffleBuffer:
     """Rows waiting per cluster; a draw takes each cluster's quota (a bandit's choice) at random.
 
-    Rows are addressed by their position in the stream of added tables; a table is released once
-    all its rows are drawn, so memory follows what is buffered, not what passed through.
-
     A cluster the bandit draws less often than its rows arrive keeps a few rows of many old
-    tables waiting; each would hold its whole table and cost a draw one Arrow `take`. So once more
-    than `_MAX_TABLES` tables are held, the rows still waiting in all but the newest are copied into
-    one merged table (rows keep their positions) and the old tables are released.
+    tables waiting, so tables are merged sooner here than in `ShuffleBuffer`.
     """
 
     _MAX_TABLES = 8
@@ -82,85 +225,31 @@ class ClusteredShuffleBuffer:
     ) -> None:
         self._rng, self._cluster_of, self._quotas = rng, cluster_of, quotas
         self._rows = ClusterBuffer()
-        self._starts = np.zeros(0, np.int64)  # first position of every table added, by key
-        self._tables: dict[int, pa.Table] = {}
-        self._left: dict[int, int] = {}
-        self._next = 0
-        # Rows of tables with keys below `_merged_below`, still waiting at the last merge: row i
-        # of `_merged` is the row at position `_merged_positions[i]` (sorted).
-        self._merged: pa.Table | None = None
-        self._merged_positions = np.zeros(0, np.int64)
-        self._merged_left = 0
-        self._merged_below = 0
+        self._store = _Rows(self._MAX_TABLES)
 
     def __len__(self) -> int:
         return len(self._rows)
 
+    def held_rows(self) -> int:
+        """Rows in the tables held: those waiting, and the drawn rows of tables not released."""
+        return self._store.held_rows
+
     def add(self, table: pa.Table) -> None:
-        n = table.num_rows
-        if not n:
+        if not table.num_rows:
             return
         clusters = self._cluster_of(table.column(ID).to_numpy())
-        self._rows.add(clusters, np.arange(self._next, self._next + n, dtype=np.int64))
-        self._schema = table.schema
-        key = len(self._starts)
-        self._starts = np.append(self._starts, self._next)
-        self._tables[key], self._left[key] = table, n
-        self._next += n
-        if len(self._tables) > self._MAX_TABLES:
-            self._merge(key)
+        self._rows.add(clusters, self._store.add(table))
+        self._store.merge_if_due(self._rows.waiting)
 
-    def draw(self, k: int) -> pa.Table:
+    def draw(self, k: int) -> Candidates:
         if k > len(self):
             raise ValueError(f"cannot draw {k} rows from a buffer of {len(self)}")
+        if self._store.schema is None:
+            return Candidates(pa.schema([]), np.zeros(0, np.int64), [])
         positions = self._rows.draw(self._quotas(k, self._rows.counts()), self._rng)
         if len(positions) != k:
             raise RuntimeError(f"quotas gave {len(positions)} rows for a draw of {k}")
-        # Rows come out grouped by the table they were added in, oldest first, each group in draw
-        # order: a stable sort by owner.
-        owners = np.searchsorted(self._starts, positions, side="right") - 1
-        order = np.argsort(owners, kind="stable")
-        positions, owners = positions[order], owners[order]
-        parts = []
-        merged = int(np.searchsorted(owners, self._merged_below))
-        if merged:
-            assert self._merged is not None
-            rows = np.searchsorted(self._merged_positions, positions[:merged])
-            parts.append(self._merged.take(pa.array(rows)))
-            self._merged_left -= merged
-            if not self._merged_left:
-                self._merged, self._merged_positions = None, np.zeros(0, np.int64)
-        keys, firsts = np.unique(owners[merged:], return_index=True)
-        ends = np.append(firsts[1:], len(owners) - merged) + merged
-        for key, first, end in zip(keys.tolist(), (firsts + merged).tolist(), ends.tolist()):
-            parts.append(self._tables[key].take(pa.array(positions[first:end] - self._starts[key])))
-            self._left[key] -= end - first
-            if not self._left[key]:
-                del self._tables[key], self._left[key]
-        return pa.concat_tables(parts) if parts else self._schema.empty_table()
-
-    def _merge(self, newest: int) -> None:
-        """Copies the waiting rows of every table older than `newest` into one merged table."""
-        cutoff = int(self._starts[newest])
-        waiting = self._rows.waiting()
-        waiting = np.sort(waiting[waiting < cutoff])
-        owners = np.searchsorted(self._starts, waiting, side="right") - 1
-        parts = []
-        merged = int(np.searchsorted(owners, self._merged_below))
-        if merged:
-            assert self._merged is not None
-            parts.append(self._merged.take(pa.array(np.searchsorted(self._merged_positions, waiting[:merged]))))
-        for key in [k for k in sorted(self._tables) if k < newest]:
-            table = self._tables.pop(key)
-            del self._left[key]
-            lo, hi = np.searchsorted(waiting, [self._starts[key], self._starts[key] + table.num_rows])
-            if hi > lo:
-                parts.append(table.take(pa.array(waiting[lo:hi] - self._starts[key])))
-        # One chunk: a take from a chunked table concatenates all its chunks first, every draw.
-        self._merged = pa.concat_tables(parts).combine_chunks() if parts else None
-        self._merged_positions = waiting
-        self._merged_left = len(waiting)
-        self._merged_below = newest
+        return self._store.take(positions)
 
 
 def tail_sizes(remaining: int, emitted: int, batch_size: int, world_size: int) -> list[int]:
@@ -214,7 +303,7 @@ class EpochAssembler:
     def finish(self) -> None:
         self._finished = True
 
-    def pop_ready(self) -> list[pa.Table]:
+    def pop_ready(self) -> list[Candidates]:
         out = []
         if not self._finished:
             while len(self._buffer) >= self.batch_size + self._hold:

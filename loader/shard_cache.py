@@ -1,23 +1,26 @@
 """Decoded shards kept in memory, least recently used first out, within a byte budget.
 
 Curated policies read every shard each epoch but serve only a keep-ratio of it, so decoding
-dominates a small pool's epoch; a pool that fits the budget is decoded once.
+dominates a small pool's epoch; a pool that fits the budget is decoded once. The cache holds
+whatever stands for a decoded shard (the readers keep an object-store reference to it) and
+counts the bytes it is told that value pins.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+from typing import Generic, TypeVar
 
-from loader.reader import ReadResult
+V = TypeVar("V")
 
 
-class ShardCache:
+class ShardCache(Generic[V]):
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.hits = self.misses = 0
-        self._entries: collections.OrderedDict[tuple, ReadResult] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[tuple, tuple[V, int]] = collections.OrderedDict()
 
     @staticmethod
     def identity(uri: str, index: int) -> tuple | None:
@@ -29,30 +32,29 @@ class ShardCache:
             return None
         return (uri, index, stat.st_size, stat.st_mtime_ns)
 
-    def get(self, uri: str, index: int) -> ReadResult | None:
+    def get(self, uri: str, index: int) -> V | None:
         key = self.identity(uri, index)
-        result = self._entries.get(key) if key is not None else None
-        if result is None:
+        entry = self._entries.get(key) if key is not None else None
+        if entry is None:
             self.misses += 1
             return None
         self._entries.move_to_end(key)
         self.hits += 1
-        return result
+        return entry[0]
 
-    def put(self, result: ReadResult, before: tuple | None = None) -> None:
-        """Keeps a successful read. `before` is the file's `identity` taken before reading: a file
-        rewritten or truncated while it was read is not cached, lest its new identity serve what
-        the old bytes decoded to."""
-        if result.table is None:
-            return
-        size = result.table.nbytes
-        key = self.identity(result.uri, result.index)
-        if key is None or size > self.max_bytes or key in self._entries:
-            return
+    def put(self, uri: str, index: int, value: V, nbytes: int, before: tuple | None = None) -> bool:
+        """Keeps `value`, which pins `nbytes`, for shard `index` at `uri`; True if it was kept.
+        `before` is the file's `identity` taken before reading: a file rewritten or truncated
+        while it was read is not cached, lest its new identity serve what the old bytes decoded
+        to. Values evicted are dropped, which is what frees what they pin."""
+        key = self.identity(uri, index)
+        if key is None or nbytes > self.max_bytes or key in self._entries:
+            return False
         if before is not None and before != key:
-            return
-        self._entries[key] = result
-        self.bytes += size
+            return False
+        self._entries[key] = (value, nbytes)
+        self.bytes += nbytes
         while self.bytes > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.bytes -= evicted.table.nbytes
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.bytes -= evicted
+        return True

@@ -128,6 +128,20 @@ def test_snapshot_pushes_change_what_the_curator_selects(service):
     assert set(stats.scorer_devices) <= {"cpu", "cuda"}
 
 
+def test_scorers_start_only_for_jobs_that_call_them(serve, half_random):
+    """Feedback-mode `loss` uses the losses trainers report: no scorer (a worker that loads torch)
+    starts for it. A snapshot-mode job needs one to run the learner."""
+    svc = serve(half_random[0][:1])
+    with RemoteLoader(svc.address, job="loss-feedback", batch_size=8, policy="loss",
+                      options={"keep_ratio": KEEP}) as loader:  # fmt: skip
+        assert len(next(iter(loader))["_id"]) > 0
+    assert svc.pipeline.actors()["scorers"] == []
+    options = {"keep_ratio": KEEP, "learner_loss": "snapshot", "learner": "loader.models:mlp"}
+    with RemoteLoader(svc.address, job="loss-snapshot", batch_size=8, policy="loss", options=options) as loader:
+        assert len(next(iter(loader))["_id"]) > 0
+    assert len(svc.pipeline.actors()["scorers"]) == svc.pipeline.config.scorers > 0
+
+
 def test_curated_policy_without_reference_fails_precondition(serve, half_random):
     import grpc
 

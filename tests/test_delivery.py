@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -46,3 +48,14 @@ def test_second_epoch_reshuffles_and_again_covers_everything(service):
     assert sorted(np.concatenate(first)) == sorted(np.concatenate(second))
     assert len(np.concatenate(second)) == rows
     assert not all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def test_acknowledged_batches_are_released_once_the_stream_ends(service):
+    # Acks ride on the gateway's next batch request; the last ones go when the stream ends.
+    svc, rows = service
+    with RemoteLoader(svc.address, job="acks", batch_size=40) as loader:
+        assert sum(len(b) for b in epoch_ids(loader)) == rows
+        deadline = time.monotonic() + 30
+        while (held := loader.stats().jobs[0].unacked_batches) != 0:
+            assert time.monotonic() < deadline, f"{held} acknowledged batches still held"
+            time.sleep(0.05)

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from loader.epoch import EpochAssembler, ShuffleBuffer, tail_sizes
+from loader.epoch import Candidates, EpochAssembler, ShuffleBuffer, tail_sizes
 from loader.ids import make_ids, row_of, shard_of
 
 MAX_SHARDS = 12
@@ -21,6 +21,14 @@ def shard_table(index: int, rows: int) -> pa.Table:
     return pa.table({"x": pa.array(ids * 3 + 1), "_id": pa.array(ids)})
 
 
+def materialize(drawn: list[Candidates]) -> list[pa.Table]:
+    """Every candidate's row; the ids a buffer reports must be those of the rows it holds."""
+    tables = [c.take() for c in drawn]
+    for c, t in zip(drawn, tables):
+        np.testing.assert_array_equal(t.column("_id").to_numpy(), c.ids)
+    return tables
+
+
 def run_epoch(shard_rows, batch_size, world_size, shuffle_rows, seed, pops):
     """Feeds one epoch, calling pop_ready after the shards `pops` marks; checks per-call invariants."""
     assembler = EpochAssembler(batch_size, world_size, shuffle_rows, seed)
@@ -29,15 +37,15 @@ def run_epoch(shard_rows, batch_size, world_size, shuffle_rows, seed, pops):
     for i, rows in enumerate(shard_rows):
         assembler.add(shard_table(i, rows))
         if pops[i]:
-            early += assembler.pop_ready()
+            early += materialize(assembler.pop_ready())
             # Anything left that could still form a batch beyond the reserve should have gone out.
             assert assembler.buffered_rows() < batch_size + hold
             assert not assembler.exhausted
-    early += assembler.pop_ready()
+    early += materialize(assembler.pop_ready())
     assert assembler.buffered_rows() < batch_size + hold
     assert not assembler.finished
     assembler.finish()
-    tail = assembler.pop_ready()
+    tail = materialize(assembler.pop_ready())
     return assembler, early, tail
 
 
@@ -218,11 +226,11 @@ def test_shuffle_buffer_draws_without_replacement() -> None:
     buffer.add(shard_table(0, 10))
     buffer.add(shard_table(1, 0))
     assert len(buffer) == 10
-    first = buffer.draw(4).column("_id").to_numpy()
+    first = buffer.draw(4).ids
     # Rows added between draws join the pool without disturbing what is left.
     buffer.add(shard_table(1, 5))
     assert len(buffer) == 11
-    rest = buffer.draw(11).column("_id").to_numpy()
+    rest = buffer.draw(11).take().column("_id").to_numpy()
     assert len(buffer) == 0
     everything = np.concatenate([first, rest])
     np.testing.assert_array_equal(np.sort(everything), np.concatenate([make_ids(0, 10), make_ids(1, 5)]))
@@ -256,12 +264,88 @@ def test_bandit_quotas_keep_every_row_exactly_once(case, clusters, gamma) -> Non
     batches = []
     for i, rows in enumerate(case["shard_rows"]):
         assembler.add(shard_table(i, rows))
-        batches += assembler.pop_ready()
+        batches += materialize(assembler.pop_ready())
     assembler.finish()
-    batches += assembler.pop_ready()
+    batches += materialize(assembler.pop_ready())
     expected = np.concatenate([make_ids(i, r) for i, r in enumerate(case["shard_rows"])] or [np.empty(0, np.int64)])
     emitted = np.concatenate(ids_of(batches)) if batches else np.empty(0, np.int64)
     np.testing.assert_array_equal(np.sort(emitted), np.sort(expected))
     assert len(batches) % W == 0 and all(b.num_rows <= B for b in batches)
     for b in batches:  # columns stay aligned through the per-table takes
         np.testing.assert_array_equal(b.column("x").to_numpy(), b.column("_id").to_numpy() * 3 + 1)
+
+
+class EagerShuffleBuffer(ShuffleBuffer):
+    _MAX_TABLES = 1  # merges the old tables' waiting rows on every add
+
+
+def _small(ids: np.ndarray) -> np.ndarray:
+    return shard_of(ids) * 1000 + row_of(ids)  # exact in float32
+
+
+def _mixed_table(index: int, rows: int) -> pa.Table:
+    from loader.tensors import to_arrow
+
+    ids = make_ids(index, rows)
+    return pa.table({
+        "x": to_arrow(np.repeat(_small(ids)[:, None], 4, axis=1).reshape(rows, 2, 2).astype(np.float32)),
+        "name": pa.array([f"s{i}" for i in ids.tolist()]),
+        "_id": pa.array(ids),
+    })  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shard_rows=st.lists(st.integers(0, 40), min_size=1, max_size=12),
+    draws=st.lists(st.integers(0, 30), min_size=1, max_size=20),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_merging_old_tables_never_changes_a_draw(shard_rows, draws, seed) -> None:
+    """Merging copies waiting rows but keeps their positions: the same seed draws the same rows."""
+    lazy, eager = ShuffleBuffer(np.random.default_rng(seed)), EagerShuffleBuffer(np.random.default_rng(seed))
+    shards = iter(enumerate(shard_rows))
+    for k in draws:
+        added = next(shards, None)
+        if added is not None:
+            for buffer in (lazy, eager):
+                buffer.add(_mixed_table(*added))
+        k = min(k, len(lazy))
+        a, b = lazy.draw(k), eager.draw(k)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        ta, tb = a.take(), b.take()
+        assert ta.equals(tb)
+        if not ta.num_rows:
+            continue
+        ids = ta.column("_id").to_numpy()
+        np.testing.assert_array_equal(ta.column("name").to_pylist(), [f"s{i}" for i in ids.tolist()])
+        x = ta.column("x").chunk(0).to_numpy_ndarray()
+        np.testing.assert_array_equal(x.reshape(len(ids), 4), np.repeat(_small(ids)[:, None], 4, axis=1))
+        assert lazy.held_rows() <= 2 * len(lazy) + 1024 + 40
+
+
+def test_candidates_copy_only_the_rows_picked() -> None:
+    buffer = ShuffleBuffer(np.random.default_rng(1))
+    for i in range(3):
+        buffer.add(_mixed_table(i, 10))
+    drawn = buffer.draw(25)
+    picks = np.array([0, 3, 4, 17, 24])
+    kept = drawn.take(picks)
+    np.testing.assert_array_equal(kept.column("_id").to_numpy(), drawn.ids[picks])
+    assert all(column.num_chunks == 1 for column in kept.columns)  # the trainer maps it zero-copy
+    assert drawn.take(np.zeros(0, np.int64)).num_rows == 0
+    with pytest.raises(ValueError, match="increasing"):
+        drawn.take(np.array([3, 1]))
+    with pytest.raises(IndexError):
+        drawn.take(np.array([25]))
+
+
+def test_a_buffer_releases_tables_drawn_empty() -> None:
+    buffer = ShuffleBuffer(np.random.default_rng(0))
+    for i in range(50):
+        buffer.add(shard_table(i, 100))
+        while len(buffer) > 300:
+            buffer.draw(64)
+    # Random draws leave stragglers in old tables; merges bound what those tables hold.
+    assert buffer.held_rows() <= 2 * len(buffer) + 1024 + 100
+    buffer.draw(len(buffer))
+    assert buffer.held_rows() == 0

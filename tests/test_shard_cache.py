@@ -1,10 +1,13 @@
-"""The readers' decoded-shard cache: LRU within a byte budget, never stale."""
+"""The readers' decoded-shard cache: LRU within a byte budget, never stale; and the reader actor
+handing out one object-store reference per cached shard."""
 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
+import pytest
 
 from loader.reader import read_with_ids
 from loader.shard_cache import ShardCache
@@ -17,13 +20,17 @@ def shard(tmp_path, name: str, rows: int, value: float = 0.0) -> str:
     return path
 
 
+def keep(cache: ShardCache, result, before=None) -> bool:
+    return cache.put(result.uri, result.index, result, result.table.nbytes, before)
+
+
 def test_hit_after_put_and_lru_eviction_within_budget(tmp_path):
     a, b, c = (read_with_ids(shard(tmp_path, n, 100), i) for i, n in enumerate("abc"))
     cache = ShardCache(max_bytes=int(a.table.nbytes * 2.5))
     for result in (a, b):
-        cache.put(result)
+        assert keep(cache, result)
     assert cache.get(a.uri, 0) is a  # a is now the most recently used
-    cache.put(c)  # over budget: b, the least recently used, goes
+    assert keep(cache, c)  # over budget: b, the least recently used, goes
     assert cache.get(b.uri, 1) is None
     assert cache.get(a.uri, 0) is a and cache.get(c.uri, 2) is c
     assert cache.bytes <= cache.max_bytes
@@ -33,16 +40,16 @@ def test_hit_after_put_and_lru_eviction_within_budget(tmp_path):
 def test_rewritten_file_is_not_served_from_the_cache(tmp_path):
     path = shard(tmp_path, "a", 10, value=1.0)
     cache = ShardCache(1 << 20)
-    cache.put(read_with_ids(path, 0))
+    keep(cache, read_with_ids(path, 0))
     write_parquet(path, {"x": np.full((20, 4), 2.0, dtype=np.float32)})
     os.utime(path, ns=(1, 1))  # a new mtime even on coarse clocks
     assert cache.get(path, 0) is None
 
 
-def test_errors_and_oversized_shards_are_not_cached(tmp_path):
+def test_missing_files_and_oversized_shards_are_not_cached(tmp_path):
     cache = ShardCache(max_bytes=10)
-    cache.put(read_with_ids(str(tmp_path / "missing.parquet"), 0))
-    cache.put(read_with_ids(shard(tmp_path, "big", 100), 1))
+    assert not cache.put(str(tmp_path / "missing.parquet"), 0, "value", 1)
+    assert not keep(cache, read_with_ids(shard(tmp_path, "big", 100), 1))
     assert cache.bytes == 0 and cache.get(str(tmp_path / "big.parquet"), 1) is None
 
 
@@ -53,7 +60,56 @@ def test_a_file_changed_while_it_was_read_is_not_cached(tmp_path):
     result = read_with_ids(path, 0)
     with open(path, "r+b") as f:  # truncated after the read, before the result is cached
         f.truncate(100)
-    cache.put(result, before)
+    assert not keep(cache, result, before)
     assert cache.bytes == 0 and cache.get(path, 0) is None
     again = read_with_ids(path, 0)
     assert again.table is None and "parquet" in again.error
+
+
+def test_reader_puts_a_shard_in_the_object_store_once_and_hands_out_its_reference(ray_session, tmp_path):
+    import ray
+
+    from actors.reader import ShardReaderActor
+
+    path, missing = shard(tmp_path, "a", 10), str(tmp_path / "missing.parquet")
+    # The second caches nothing (no shard fits): each read puts its own object.
+    reader, uncached = ShardReaderActor.remote(1 << 20), ShardReaderActor.remote(0)
+    try:
+        first, again = ray.get([reader.read.remote(path, 3), reader.read.remote(path, 3)])
+        assert first.ref is not None and first.ref == again.ref  # cached: the same object
+        result = ray.get(first.ref)
+        assert (result.index, result.uri, result.table.num_rows, result.error) == (3, path, 10, "")
+        lost = ray.get(reader.read.remote(missing, 4))  # errors come back inline, no object
+        assert lost.ref is None and lost.error and (lost.index, lost.uri) == (4, missing)
+        refs = [ray.get(uncached.read.remote(path, 3)).ref for _ in range(2)]
+        assert refs[0] != refs[1] and ray.get(refs[1]).table.num_rows == 10
+    finally:
+        for actor in (reader, uncached):
+            ray.kill(actor)
+
+
+def test_a_shard_dies_with_its_reader_and_the_restarted_reader_puts_it_again(ray_session, tmp_path):
+    """The contract the curator's retry rests on: awaiting a dead reader's object raises an
+    ObjectLostError (OwnerDiedError), and the restarted reader, its cache empty, reads afresh."""
+    import ray
+    from ray.exceptions import ObjectLostError
+
+    from actors.reader import ShardReaderActor
+
+    path = shard(tmp_path, "a", 10)
+    reader = ShardReaderActor.remote(1 << 20)
+    try:
+        before = ray.get(reader.read.remote(path, 0))
+        ray.kill(reader, no_restart=False)
+        deadline = time.monotonic() + 60
+        while True:  # borrowers hear of the owner's death asynchronously; until then a copy may serve
+            try:
+                ray.get(before.ref, timeout=60)
+            except ObjectLostError:
+                break
+            assert time.monotonic() < deadline, "the object outlived its reader"
+            time.sleep(0.1)
+        after = ray.get(reader.read.remote(path, 0), timeout=60)
+        assert after.ref != before.ref and ray.get(after.ref).table.num_rows == 10
+    finally:
+        ray.kill(reader)

@@ -71,6 +71,7 @@ class LoaderService(pb_grpc.LoaderServicer):
             log.warning("job %s rank %d did not close its stream after the epoch", spec.job, session.rank)
         finally:
             reader.cancel()
+            session.flush_acks()
             self.pipeline.detach(spec.job)
             if self.sessions.get(key) is session:
                 del self.sessions[key]

@@ -93,6 +93,9 @@ class TrainSession:
         # This stream sends batches first_seq, first_seq + 1, ...; only those can be acknowledged.
         self.first_seq = self.next_seq = hello.next_seq
         self.credits = 0
+        # Acks ride on the next `next_batch` call (one actor call per batch, not two); whatever
+        # is left when the stream ends goes in one `ack` call.
+        self.acked = self.acked_sent = -1
         self.changed = asyncio.Event()
         self.abort: Abort | None = None
         self.reader_done = False
@@ -149,7 +152,12 @@ class TrainSession:
                 f"Ack for epoch {ack.epoch} batch {ack.seq}, which this stream never sent "
                 f"(it has sent {sent} of epoch {self.epoch})",
             )
-        self.pipeline.ack(self.curator, self.rank, ack.epoch, ack.seq)
+        self.acked = max(self.acked, ack.seq)
+
+    def flush_acks(self) -> None:
+        if self.acked > self.acked_sent:
+            self.pipeline.ack(self.curator, self.rank, self.epoch, self.acked)
+            self.acked_sent = self.acked
 
     async def _feedback(self, ids: np.ndarray, losses: np.ndarray) -> None:
         problem = await self.pipeline.feedback(self.curator, ids, losses)
@@ -186,7 +194,9 @@ class TrainSession:
                 if self.reader_done:
                     return  # the trainer closed its side: no credit can come any more
                 await self.wait()
-            result = await self.wait(self.pipeline.next_batch(self.curator, self.rank, self.epoch, self.next_seq))
+            acked = self.acked if self.acked > self.acked_sent else -1
+            self.acked_sent = max(self.acked, self.acked_sent)
+            result = await self.wait(self.pipeline.next_batch(self.curator, self.rank, self.epoch, self.next_seq, acked))
             if isinstance(result, Failed):
                 raise Abort(grpc.StatusCode.FAILED_PRECONDITION, result.message)
             if isinstance(result, EndOfEpoch):

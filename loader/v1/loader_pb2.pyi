@@ -135,7 +135,7 @@ class ShardInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., uri: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job", "policy", "world_size", "batch_size", "epoch", "batches_served", "samples_served", "feedback_samples", "samples_considered", "weight_pushes", "weights_step", "options", "learner_scored_samples", "learner_scoring_seconds", "clusters", "selection_seconds", "selections")
+    __slots__ = ("job", "policy", "world_size", "batch_size", "epoch", "batches_served", "samples_served", "feedback_samples", "samples_considered", "weight_pushes", "weights_step", "options", "learner_scored_samples", "learner_scoring_seconds", "clusters", "selection_seconds", "selections", "unacked_batches")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,7 @@ class JobInfo(_message.Message):
     CLUSTERS_FIELD_NUMBER: _ClassVar[int]
     SELECTION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SELECTIONS_FIELD_NUMBER: _ClassVar[int]
+    UNACKED_BATCHES_FIELD_NUMBER: _ClassVar[int]
     job: str
     policy: str
     world_size: int
@@ -177,7 +178,8 @@ class JobInfo(_message.Message):
     clusters: _containers.RepeatedCompositeFieldContainer[ClusterInfo]
     selection_seconds: float
     selections: int
-    def __init__(self, job: _Optional[str] = ..., policy: _Optional[str] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., epoch: _Optional[int] = ..., batches_served: _Optional[int] = ..., samples_served: _Optional[int] = ..., feedback_samples: _Optional[int] = ..., samples_considered: _Optional[int] = ..., weight_pushes: _Optional[int] = ..., weights_step: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ..., learner_scored_samples: _Optional[int] = ..., learner_scoring_seconds: _Optional[float] = ..., clusters: _Optional[_Iterable[_Union[ClusterInfo, _Mapping]]] = ..., selection_seconds: _Optional[float] = ..., selections: _Optional[int] = ...) -> None: ...
+    unacked_batches: int
+    def __init__(self, job: _Optional[str] = ..., policy: _Optional[str] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., epoch: _Optional[int] = ..., batches_served: _Optional[int] = ..., samples_served: _Optional[int] = ..., feedback_samples: _Optional[int] = ..., samples_considered: _Optional[int] = ..., weight_pushes: _Optional[int] = ..., weights_step: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ..., learner_scored_samples: _Optional[int] = ..., learner_scoring_seconds: _Optional[float] = ..., clusters: _Optional[_Iterable[_Union[ClusterInfo, _Mapping]]] = ..., selection_seconds: _Optional[float] = ..., selections: _Optional[int] = ..., unacked_batches: _Optional[int] = ...) -> None: ...
 
 class ClusterInfo(_message.Message):
     __slots__ = ("id", "size", "weight", "reward", "served", "reference_loss")

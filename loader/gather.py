@@ -1,0 +1,57 @@
+"""Rows of several tables gathered into one table with one chunk per column.
+
+A batch leaves the curator as one Arrow IPC message that the trainer maps zero-copy into numpy,
+which needs one chunk per column. Taking from each table and then concatenating copies every
+row twice; tensor columns here are copied once, straight into the output array.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from loader import tensors
+
+# (table, row indices into it): the rows of one source, in the order they are wanted.
+Group = tuple[pa.Table, np.ndarray]
+
+
+def gather_rows(schema: pa.Schema, groups: list[Group]) -> pa.Table:
+    """The rows of each group in turn, as one table of `schema` with single-chunk columns."""
+    total = sum(len(rows) for _, rows in groups)
+    columns = [_gather_column(field.type, [(table.column(i), rows) for table, rows in groups], total)
+               for i, field in enumerate(schema)]  # fmt: skip
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _gather_column(type_: pa.DataType, parts: list[tuple[pa.ChunkedArray, np.ndarray]], total: int) -> pa.Array:
+    sources = [_dense(column) for column, _ in parts]
+    if total and all(source is not None for source in sources):
+        first = sources[0]
+        out = np.empty((total, *first.shape[1:]), dtype=first.dtype)
+        at = 0
+        for source, (_, rows) in zip(sources, parts):
+            np.take(source, rows, axis=0, out=out[at : at + len(rows)])
+            at += len(rows)
+        array = tensors.to_arrow(out)
+        if array.type == type_:
+            return array
+    # Strings, lists, nulls, permuted tensors: Arrow's take, then one concatenation.
+    taken = [chunk for column, rows in parts for chunk in column.take(pa.array(rows, pa.int64())).chunks]
+    if not taken:
+        return pa.array([], type=type_) if not isinstance(type_, pa.BaseExtensionType) else _empty_extension(type_)
+    return taken[0] if len(taken) == 1 else pa.concat_arrays(taken)
+
+
+def _dense(column: pa.ChunkedArray) -> np.ndarray | None:
+    """The column as one numpy array without copying, or None when that is not possible."""
+    if column.num_chunks != 1 or column.null_count or not tensors.is_tensor_like(column.type):
+        return None
+    array = column.chunk(0)
+    if isinstance(array, pa.FixedShapeTensorArray) and array.type.permutation not in (None, list(range(len(array.type.shape)))):
+        return None
+    return tensors.to_numpy(array)
+
+
+def _empty_extension(type_: pa.BaseExtensionType) -> pa.Array:
+    return pa.ExtensionArray.from_storage(type_, pa.array([], type=type_.storage_type))
