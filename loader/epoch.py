@@ -61,8 +61,14 @@ class _Rows:
     one merged table (rows keep their positions) and those tables are released.
     """
 
-    def __init__(self, max_tables: int) -> None:
-        self._max_tables = max_tables
+    # Old tables may hold this many times the bytes of their waiting rows, plus `slack_bytes`,
+    # before a merge. Loose on purpose: a table that a reader also caches costs no memory of its
+    # own (both hold the same object-store buffers), while its merged copy would; and a merge
+    # copies every waiting row of the old tables.
+    HELD_PER_WAITING = 4
+
+    def __init__(self, max_tables: int, slack_bytes: int) -> None:
+        self._max_tables, self._slack_bytes = max_tables, slack_bytes
         self.schema: pa.Schema | None = None
         self._starts = np.zeros(0, np.int64)  # first position of every table added, by key
         self._tables: dict[int, pa.Table] = {}
@@ -130,9 +136,14 @@ class _Rows:
         if len(self._tables) < 2:
             return
         newest = len(self._starts) - 1
-        old_held = self._held - self._tables[newest].num_rows
-        old_waiting = self._merged_left + sum(self._left[k] for k in self._tables if k != newest)
-        if len(self._tables) > self._max_tables or old_held > 2 * old_waiting + 1024:
+        old = [t for k, t in self._tables.items() if k != newest]
+        counts = [self._left[k] for k in self._tables if k != newest]
+        if self._merged is not None:
+            old.append(self._merged)
+            counts.append(self._merged_left)
+        held = sum(t.nbytes for t in old)
+        left = sum(t.nbytes * n / t.num_rows for t, n in zip(old, counts))
+        if len(self._tables) > self._max_tables or held > self.HELD_PER_WAITING * left + self._slack_bytes:
             self._merge(newest, waiting())
 
     def _release(self, key: int) -> None:
@@ -175,10 +186,11 @@ class ShuffleBuffer:
 
     # Tables held before their waiting rows are merged: a draw gathers from each one it touches.
     _MAX_TABLES = 64
+    _SLACK_BYTES = 256 << 20
 
     def __init__(self, rng: np.random.Generator) -> None:
         self._rng = rng
-        self._store = _Rows(self._MAX_TABLES)
+        self._store = _Rows(self._MAX_TABLES, self._SLACK_BYTES)
         # Positions waiting, in the order they were added, less those drawn.
         self._alive = np.empty(0, dtype=np.int64)
 
@@ -216,6 +228,7 @@ class ClusteredShuffleBuffer:
     """
 
     _MAX_TABLES = 8
+    _SLACK_BYTES = 256 << 20
 
     def __init__(
         self,
@@ -225,7 +238,7 @@ class ClusteredShuffleBuffer:
     ) -> None:
         self._rng, self._cluster_of, self._quotas = rng, cluster_of, quotas
         self._rows = ClusterBuffer()
-        self._store = _Rows(self._MAX_TABLES)
+        self._store = _Rows(self._MAX_TABLES, self._SLACK_BYTES)
 
     def __len__(self) -> int:
         return len(self._rows)
