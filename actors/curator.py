@@ -17,6 +17,7 @@ import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from actors.routing import learner_scorer
+from actors.runtime import Process
 from loader.curator import Curator, CuratorSettings, Failed, JobSpec, Lookup, Materialize, Pending, Ready
 from loader.ids import shard_of
 from loader.reader import ReadResult, gather
@@ -33,7 +34,7 @@ CHECKPOINT_EVERY_S = 30.0
 # Ray restarts a dead curator and retries the calls that were in flight (all of them are safe to
 # repeat); the new one rebuilds itself from state_dir.
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-class CuratorActor:
+class CuratorActor(Process):
     def __init__(
         self, spec: JobSpec, settings: CuratorSettings, registry, readers: list, scorers: list, prefetch: int,
         state_dir: str,
@@ -90,6 +91,10 @@ class CuratorActor:
 
     def stats(self) -> dict:
         return self._core.stats()
+
+    def cluster_of(self, ids: np.ndarray) -> np.ndarray:
+        self._core.pool.check_ids(ids)  # an unknown id is named, not a KeyError
+        return self._core.pool.cluster_of(ids)
 
     # -- state_dir -------------------------------------------------------------------------------
 

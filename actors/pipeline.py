@@ -148,6 +148,22 @@ class Pipeline:
     def curator(self, job: str):
         return self._jobs[job][1]
 
+    def processes(self, timeout_s: float = 60.0) -> dict[str, int]:
+        """OS process ids of the running actors by name ("CuratorActor-1", ...), and this one
+        (the gateway's) as "gateway". Blocks: for operators' tooling, not the event loop."""
+        handles = [h for group in self.actors().values() for h in group]
+        found = ray.get([h.process.remote() for h in handles], timeout=timeout_s)
+        seen: dict[str, int] = {}
+        out = {"gateway": os.getpid()}
+        for kind, pid in found:
+            seen[kind] = seen.get(kind, 0) + 1
+            out[f"{kind}-{seen[kind]}"] = pid
+        return out
+
+    async def cluster_of(self, job: str, ids: np.ndarray) -> np.ndarray:
+        """The job's cluster id of each sample id (-1: not assigned), for analysis tools."""
+        return await self.curator(job).cluster_of.remote(np.asarray(ids, np.int64))
+
     @staticmethod
     def next_batch(curator, rank: int, epoch: int, seq: int, acked: int = -1):
         return curator.next_batch.remote(rank, epoch, seq, acked)

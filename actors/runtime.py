@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import ray
 
@@ -25,6 +26,15 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         configure_logging=False,
     )
     log.info("started a local Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
+
+
+class Process:
+    """Mixed into every actor class: which OS process it runs in, for operators' CPU and memory
+    accounting (and for fault tests that kill one)."""
+
+    def process(self) -> tuple[str, int]:
+        """(actor class name, OS process id)."""
+        return type(self).__name__, os.getpid()
 
 
 def shutdown() -> None:

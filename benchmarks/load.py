@@ -29,8 +29,6 @@ import tempfile
 import threading
 import time
 
-import ray
-
 from actors.pipeline import Pipeline
 from actors.runtime import ensure_ray, shutdown
 from loader.config import from_mapping
@@ -61,9 +59,7 @@ class MemorySampler(threading.Thread):
         self._pids: set[int] = {os.getpid()}
 
     def refresh_pids(self) -> None:
-        handles = [h for group in self.pipeline.actors().values() for h in group]
-        pids = ray.get([h.__ray_call__.remote(lambda self: os.getpid()) for h in handles], timeout=60)
-        self._pids = {os.getpid(), *pids}
+        self._pids = set(self.pipeline.processes().values())
 
     def run(self) -> None:
         started = time.monotonic()

@@ -8,12 +8,12 @@ curator's selection time per batch, and for bandit runs the cluster weights at e
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import time
 
 import numpy as np
-import ray
 
 from actors.runtime import ensure_ray, shutdown
 from harness import LABEL_NOISE, MAX_HOLDOUT_SHARE, Run, forward_flops, job_stats, load_split, reference_model, rows
@@ -146,10 +146,9 @@ def cluster_makeup(address: str, pipeline, job: str, pool) -> list[dict] | None:
     """Per cluster of the job: members, and the shares of noise inputs, rows of duplicate groups
     and corrupted labels among them.
 
-    GetStats gives a cluster's size but not its members, so the members are read from the job's
-    curator with Ray's `__ray_call__` (a developer API for exactly this kind of inspection). It
-    reaches into the curator's pool index, which this benchmark does not own: when that changes,
-    the plot loses its labels and says so, rather than the benchmark failing.
+    GetStats gives a cluster's size but not its members, so the members come from
+    `Pipeline.cluster_of` (the service runs in this process). If that fails, the plot loses its
+    labels and says so, rather than the benchmark failing.
     """
     stats, _ = job_stats(address, job)
     index_of = {os.path.basename(shard.uri): shard.index for shard in stats.shards}
@@ -161,9 +160,7 @@ def cluster_makeup(address: str, pipeline, job: str, pool) -> list[dict] | None:
     ids = np.concatenate(ids)
     flags = {name: np.concatenate(v) for name, v in flags.items()}
     try:
-        curator = pipeline.curator(job)
-        members_of = curator.__ray_call__.remote(lambda actor, x: actor._core.pool.cluster_of(x), ids)
-        clusters = np.asarray(ray.get(members_of))
+        clusters = np.asarray(asyncio.run(pipeline.cluster_of(job, ids)))
     except Exception as exc:  # noqa: BLE001  (see the docstring)
         print(f"cluster members of {job} unavailable ({exc!r}); the cluster plot is unlabelled", flush=True)
         return None

@@ -46,13 +46,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def service_processes(pipeline: Pipeline) -> dict[str, int]:
-    handles = [h for group in pipeline.actors().values() for h in group]
-    found = ray.get([h.__ray_call__.remote(lambda self: (type(self).__name__, os.getpid())) for h in handles])
-    names = collections.Counter()
-    out = {"gateway": os.getpid()}
-    for name, pid in found:
-        names[name] += 1
-        out[f"{name}-{names[name]}"] = pid
+    out = pipeline.processes()
     raylets = ray._private.worker._global_node.all_processes.get("raylet", [])
     out.update({"raylet": info.process.pid for info in raylets})
     return out

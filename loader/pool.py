@@ -69,7 +69,13 @@ class PoolIndex:
         self._cluster[shard_index] = np.asarray(clusters, dtype=np.int32)
 
     def cluster_of(self, ids: np.ndarray) -> np.ndarray:
-        return self._gather(self._cluster, ids, fill=-1, dtype=np.int32)
+        """Cluster id per sample; -1 for samples of shards not clustered (yet)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.full(len(ids), -1, dtype=np.int32)
+        for shard, at, rows in _by_shard(ids):
+            if shard in self._cluster:
+                out[at] = self._cluster[shard][rows]
+        return out
 
     def cluster_sizes(self) -> tuple[np.ndarray, np.ndarray]:
         """Members per cluster id and their mean reference loss."""

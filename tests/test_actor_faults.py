@@ -35,7 +35,7 @@ def kill(actor, how: str) -> None:
     if how == "ray.kill":
         ray.kill(actor, no_restart=False)
     else:
-        pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+        _, pid = ray.get(actor.process.remote(), timeout=30)
         os.kill(pid, signal.SIGKILL)
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from loader import RemoteLoader
+from loader.ids import make_ids
 from loader.models import mlp
 from loader.reference import train_reference
 from loader.scoring import ModelSpec
@@ -86,3 +90,25 @@ def test_exact_duplicates_are_suppressed_while_remembered(service, diversity, at
     if at_most is not None:
         assert copies <= at_most
     assert copies >= at_least
+
+
+def test_pipeline_reports_cluster_members_and_actor_processes(service):
+    """Analysis tools read cluster membership and actor PIDs from the Pipeline, not from actor
+    internals: the membership must add up to GetStats' cluster sizes."""
+    with RemoteLoader(service.address, job="members", batch_size=32, policy="learnability+bandit",
+                      options={"keep_ratio": 0.5}) as loader:  # fmt: skip
+        for _ in loader:
+            pass
+        stats = loader.stats()
+    ids = np.concatenate([make_ids(s.index, s.rows) for s in stats.shards if s.rows])
+    members = asyncio.run(service.pipeline.cluster_of("members", ids))
+    sizes = {c.id: c.size for c in stats.jobs[0].clusters}
+    assert (members >= 0).all()
+    assert np.bincount(members, minlength=len(sizes)).tolist() == [sizes[c] for c in range(len(sizes))]
+    with pytest.raises(Exception, match="is not in the pool"):
+        asyncio.run(service.pipeline.cluster_of("members", make_ids(99, 1)))
+
+    processes = service.pipeline.processes()
+    assert {"gateway", "RegistryActor-1", "ShardReaderActor-1", "CuratorActor-1"} <= set(processes)
+    for pid in processes.values():
+        os.kill(pid, 0)  # each is a live process: raises if not
