@@ -40,6 +40,9 @@ def read_with_ids(uri: str, index: int) -> ReadResult:
         ids = make_ids(index, table.num_rows)
     except ValueError as exc:  # more rows than an id can address
         return ReadResult(index, uri, error=str(exc))
+    # One chunk per column (a Parquet file gives one per row group): batches are gathered from
+    # these tables every epoch, and a gather from one chunk is one copy per row.
+    table = table.combine_chunks() if any(c.num_chunks > 1 for c in table.columns) else table
     return ReadResult(index, uri, table=table.append_column(ID, pa.array(ids)))
 
 

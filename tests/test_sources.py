@@ -221,3 +221,16 @@ def test_empty_shards(tmp_path) -> None:
     zero = tmp_path / "zero.tar"
     zero.write_bytes(b"")
     assert "empty file" in _error(str(zero)).reason
+
+
+def test_a_shard_read_has_one_chunk_per_column(tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    from loader.reader import read_with_ids
+
+    path = str(tmp_path / "groups.parquet")
+    pq.write_table(pa.table({"x": np.arange(100, dtype=np.float32), "y": np.arange(100)}), path, row_group_size=10)
+    assert pq.read_table(path).column("x").num_chunks == 10
+    result = read_with_ids(path, 3)
+    assert [c.num_chunks for c in result.table.columns] == [1, 1, 1]
+    np.testing.assert_array_equal(result.table.column("x").to_numpy(), np.arange(100, dtype=np.float32))
