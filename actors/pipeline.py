@@ -148,6 +148,11 @@ class Pipeline:
     def curator(self, job: str):
         return self._jobs[job][1]
 
+    @property
+    def epochs_kept(self) -> int:
+        """Epochs a job's curator keeps; starting a newer one forgets the oldest."""
+        return self._settings.keep_epochs
+
     def processes(self, timeout_s: float = 60.0) -> dict[str, int]:
         """OS process ids of the running actors by name ("CuratorActor-1", ...), and this one
         (the gateway's) as "gateway". Blocks: for operators' tooling, not the event loop."""

@@ -323,3 +323,24 @@ def test_add_shards_that_match_nothing_is_invalid_argument(service, stub, tmp_pa
         stub.AddShards(pb.AddShardsRequest(), timeout=CALL_TIMEOUT_S)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "AddShards.uris is empty" in err.value.details()
     assert len(stub.GetStats(pb.GetStatsRequest(), timeout=CALL_TIMEOUT_S).shards) == 4
+
+
+def test_a_rank_too_far_ahead_is_refused_while_another_reads_an_older_epoch(service):
+    """Starting an epoch forgets all but the newest two: a rank two epochs ahead of a live rank
+    would cut it off, so its Hello fails; one epoch ahead (the normal overlap) is fine."""
+    address = service[0].address
+    job = "ahead"
+    outcome = {}
+
+    def then(_ids):
+        outcome["two ahead"] = open_stream(address, hello(job, rank=1, world_size=2, epoch=2), credit(1))
+        outcome["one ahead"] = open_stream(address, hello(job, rank=1, world_size=2, epoch=1), credit(1))
+        return []
+
+    ids, err = batches_then(address, [hello(job, rank=0, world_size=2), credit(1)], 1, then)
+    assert err is None and len(ids) == 1
+    _, far = outcome["two ahead"]
+    assert far is not None and far.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "rank 0 of job 'ahead' is still on epoch 0" in far.details()
+    got, near = outcome["one ahead"]
+    assert near is None and any(r.WhichOneof("kind") == "batch" for r in got)

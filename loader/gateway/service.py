@@ -50,6 +50,9 @@ class LoaderService(pb_grpc.LoaderServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except (ConfigError, ValueError) as exc:  # options that parse but that no policy accepts
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Hello: {exc}")
+        behind = self._ranks_left_behind(spec.job, session)
+        if behind:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, behind)
         key = (spec.job, session.rank)
         previous = self.sessions.get(key)
         if previous is not None:
@@ -75,6 +78,18 @@ class LoaderService(pb_grpc.LoaderServicer):
             self.pipeline.detach(spec.job)
             if self.sessions.get(key) is session:
                 del self.sessions[key]
+
+    def _ranks_left_behind(self, job: str, session: TrainSession) -> str:
+        """Why `session` may not start its epoch, or ''. Starting an epoch makes the curator forget
+        all but the newest `epochs_kept`, so a rank that far ahead would cut off the others."""
+        kept = self.pipeline.epochs_kept
+        for (other_job, rank), other in self.sessions.items():
+            if other_job == job and rank != session.rank and other.epoch <= session.epoch - kept:
+                return (
+                    f"Hello.epoch {session.epoch} is too far ahead: rank {rank} of job {job!r} is still on "
+                    f"epoch {other.epoch}, and the service keeps only the newest {kept} epochs of a job"
+                )
+        return ""
 
     async def GetStats(self, request, context):
         stats = await self.pipeline.stats(request.job)
