@@ -114,13 +114,16 @@ def main() -> None:
     samples = sum(e["samples"] for e in epochs)
     seconds = sum(e["seconds"] for e in epochs)  # the consumer's epochs, not its start-up
     per_batch = {name: seconds / batches * 1e3 for name, seconds in spent.items()}
+    # The trainer's side (gRPC receive, decode, acks), counted by the consumer itself: not service.
+    trainer = sum(e["cpu_seconds"] for e in epochs) / batches * 1e3
     report = {"sample": args.sample, "policy": args.policy, "service": service, "batches": batches,
               "samples_per_s": samples / seconds, "wall_s": wall, "load_1min": load, "cpu_ms_per_batch": per_batch,
-              "service_cpu_ms_per_batch": sum(per_batch.values())}  # fmt: skip
+              "service_cpu_ms_per_batch": sum(per_batch.values()), "trainer_cpu_ms_per_batch": trainer}  # fmt: skip
     print(f"{args.sample} {args.policy} {service}: {batches} batches, {samples / seconds:,.0f} samples/s, load {load:.1f}")
     for name, ms in sorted(per_batch.items(), key=lambda kv: -kv[1]):
         print(f"  {name:24s} {ms:7.2f} ms CPU per batch")
     print(f"  {'service total':24s} {report['service_cpu_ms_per_batch']:7.2f} ms CPU per batch")
+    print(f"  {'trainer process':24s} {trainer:7.2f} ms CPU per batch (RemoteLoader: receive, decode, acks)")
     if args.py_spy:
         for name in processes:
             path = os.path.join(args.py_spy, f"{name}.txt")

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from loader.client.channel import TLSLike, as_tls, open_channel, resolve_token, token_metadata
-from loader.client.stream import StreamTimeout, TrainStream
+from loader.client.stream import StreamTimeout, TrainStream, train_method
 from loader.v1 import loader_pb2 as pb
 from loader.v1 import loader_pb2_grpc as pb_grpc
 
@@ -59,6 +59,7 @@ class RemoteLoader:
         options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
         self._channel = open_channel(address, tls, options)
         self._stub = pb_grpc.LoaderStub(self._channel)
+        self._train = train_method(self._channel)
         self._epoch = 0
         self._seq = 0
         self._stream: TrainStream | None = None
@@ -72,7 +73,7 @@ class RemoteLoader:
             policy=self.policy, seed=self.seed, epoch=self._epoch, next_seq=self._seq,
             options=self.options, total_epochs=self.total_epochs,
         )  # fmt: skip
-        stream = TrainStream(self._stub, hello, self.prefetch, self._metadata, self._unsent)
+        stream = TrainStream(self._train, hello, self.prefetch, self._metadata, self._unsent)
         self._unsent = []
         self._stream = stream
         finished = False

@@ -13,7 +13,10 @@ import grpc
 import numpy as np
 
 from loader import codec
+from loader.client.wire import BatchView, parse_train_response
 from loader.v1 import loader_pb2 as pb
+
+TRAIN_METHOD = "/loader.v1.Loader/Train"
 
 _CLOSE = object()
 
@@ -22,8 +25,15 @@ class StreamTimeout(TimeoutError):
     pass
 
 
+def train_method(channel):
+    """The Train call of `channel`, its batches parsed without copying their payload."""
+    return channel.stream_stream(
+        TRAIN_METHOD, request_serializer=pb.TrainRequest.SerializeToString, response_deserializer=parse_train_response
+    )
+
+
 class TrainStream:
-    def __init__(self, stub, hello: pb.Hello, credits: int, metadata: tuple, feedback: list) -> None:
+    def __init__(self, train, hello: pb.Hello, credits: int, metadata: tuple, feedback: list) -> None:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._responses: queue.SimpleQueue = queue.SimpleQueue()
         self._requests_done = threading.Event()
@@ -32,7 +42,7 @@ class TrainStream:
         for ids, losses in feedback:  # reported while no stream was open
             self.report(ids, losses)
         self._requests.put(pb.TrainRequest(credit=pb.Credit(batches=credits)))
-        self._call = stub.Train(self._request_iter(), metadata=metadata)
+        self._call = train(self._request_iter(), metadata=metadata)
         self._pump = threading.Thread(target=self._read_responses, name="loader-stream", daemon=True)
         self._pump.start()
 
@@ -76,7 +86,9 @@ class TrainStream:
         final = ("closed", None, None)
         try:
             for response in self._call:
-                if response.WhichOneof("kind") == "batch":
+                if isinstance(response, BatchView):  # the tensors keep the received bytes alive
+                    self._responses.put(("batch", response.seq, codec.to_torch(codec.decode(response.arrow_ipc))))
+                elif response.WhichOneof("kind") == "batch":
                     batch = response.batch
                     self._responses.put(("batch", batch.seq, codec.to_torch(codec.decode(batch.arrow_ipc))))
                 else:
