@@ -17,7 +17,7 @@ import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from actors.routing import learner_scorer
-from actors.runtime import Process
+from actors.runtime import ProcessInfo
 from loader.curator import Curator, CuratorSettings, Failed, JobSpec, Lookup, Materialize, Pending, Ready
 from loader.ids import shard_of
 from loader.reader import ReadResult, gather
@@ -34,7 +34,7 @@ CHECKPOINT_EVERY_S = 30.0
 # Ray restarts a dead curator and retries the calls that were in flight (all of them are safe to
 # repeat); the new one rebuilds itself from state_dir.
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-class CuratorActor(Process):
+class CuratorActor(ProcessInfo):
     def __init__(
         self, spec: JobSpec, settings: CuratorSettings, registry, readers: list, scorers: list, prefetch: int,
         state_dir: str,

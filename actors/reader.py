@@ -11,7 +11,7 @@ import dataclasses
 
 import ray
 
-from actors.runtime import Process
+from actors.runtime import ProcessInfo
 from loader.reader import read_with_ids
 from loader.shard_cache import ShardCache
 
@@ -30,7 +30,7 @@ class ShardRef:
 # Its calls are pure, so Ray may repeat one cut off by a crash on the restarted actor; a shard that
 # crashes it every time is given up after a few tries (and then quarantined by the curator).
 @ray.remote(num_cpus=0.25, max_restarts=-1, max_task_retries=3)
-class ShardReaderActor(Process):
+class ShardReaderActor(ProcessInfo):
     def __init__(self, cache_bytes: int = 0) -> None:
         self._cache: ShardCache[ShardRef] = ShardCache(cache_bytes)
 

@@ -7,7 +7,7 @@ import os
 
 import ray
 
-from actors.runtime import Process
+from actors.runtime import ProcessInfo
 from loader.registry import PENDING, QUARANTINED, ShardRecord, ShardRegistry
 from loader.state_store import StateStore
 
@@ -19,7 +19,7 @@ REGISTRY_FILE = "registry.json"
 # Every method is safe to repeat, so calls cut off by a crash are retried on the restarted actor,
 # which reloads the registry from state_dir.
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-class RegistryActor(Process):
+class RegistryActor(ProcessInfo):
     def __init__(self, state_dir: str | None = None) -> None:
         self._store = StateStore(state_dir) if state_dir else None
         saved = self._store.load_json(REGISTRY_FILE) if self._store is not None else None

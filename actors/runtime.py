@@ -28,7 +28,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     log.info("started a local Ray (%s CPUs)", ray.cluster_resources().get("CPU"))
 
 
-class Process:
+class ProcessInfo:
     """Mixed into every actor class: which OS process it runs in, for operators' CPU and memory
     accounting (and for fault tests that kill one)."""
 

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from actors.runtime import Process
+from actors.runtime import ProcessInfo
 from loader.reader import ReadResult
 from loader.scoring import ModelSpec, best_device, build_model, inputs_from_table, learner_losses, load_state_bytes, reference_scores
 from loader.state_store import StateStore
@@ -21,7 +21,7 @@ log = logging.getLogger("loader.scorer")
 # Its calls are pure, so Ray may repeat one cut off by a crash on the restarted actor; a shard that
 # crashes it every time is given up after a few tries (and then quarantined by the curator).
 @ray.remote(num_cpus=0.25, max_restarts=-1, max_task_retries=3)
-class ScorerActor(Process):
+class ScorerActor(ProcessInfo):
     def __init__(
         self, reference: ModelSpec | None, input_column: str, label_column: str, state_dir: str | None = None
     ) -> None:
