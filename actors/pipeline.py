@@ -154,8 +154,9 @@ class Pipeline:
         return self._settings.keep_epochs
 
     def processes(self, timeout_s: float = 60.0) -> dict[str, int]:
-        """OS process ids of the running actors by name ("CuratorActor-1", ...), and this one
-        (the gateway's) as "gateway". Blocks: for operators' tooling, not the event loop."""
+        """OS process ids of the running actors by name ("CuratorActor-1", ...), this one (the
+        gateway's) as "gateway" and, with a Ray this process started, its raylet. Blocks: for
+        operators' tooling, not the event loop."""
         handles = [h for group in self.actors().values() for h in group]
         found = ray.get([h.process.remote() for h in handles], timeout=timeout_s)
         seen: dict[str, int] = {}
@@ -163,6 +164,9 @@ class Pipeline:
         for kind, pid in found:
             seen[kind] = seen.get(kind, 0) + 1
             out[f"{kind}-{seen[kind]}"] = pid
+        node = getattr(ray._private.worker, "_global_node", None)  # None when joined, not started
+        for info in node.all_processes.get("raylet", []) if node is not None else []:
+            out["raylet"] = info.process.pid
         return out
 
     async def cluster_of(self, job: str, ids: np.ndarray) -> np.ndarray:

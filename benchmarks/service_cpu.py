@@ -27,8 +27,6 @@ import sys
 import tempfile
 import time
 
-import ray
-
 from actors.pipeline import Pipeline
 from actors.runtime import ensure_ray, shutdown
 from loader.config import from_mapping
@@ -43,13 +41,6 @@ def cpu_seconds(pid: int) -> float:
     except OSError:  # the process is gone
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def service_processes(pipeline: Pipeline) -> dict[str, int]:
-    out = pipeline.processes()
-    raylets = ray._private.worker._global_node.all_processes.get("raylet", [])
-    out.update({"raylet": info.process.pid for info in raylets})
-    return out
 
 
 def hottest(path: str, count: int = 12) -> list[tuple[float, str]]:
@@ -87,7 +78,7 @@ def main() -> None:
         consumer = [sys.executable, os.path.join(HERE, "throughput_consumer.py")]
         try:
             subprocess.run([*consumer, json.dumps(spec)], check=True, capture_output=True)
-            processes = service_processes(pipeline)
+            processes = pipeline.processes()
             spies = []
             if args.py_spy:
                 os.makedirs(args.py_spy, exist_ok=True)

@@ -106,14 +106,10 @@ class _Rows:
         owners = np.searchsorted(self._starts, positions, side="right") - 1
         order = np.argsort(owners, kind="stable")
         positions, owners = positions[order], owners[order]
-        groups: list[Group] = []
-        ids = []
+        parts: list[tuple[Group, np.ndarray]] = []
         merged = int(np.searchsorted(owners, self._merged_below))
         if merged:
-            assert self._merged is not None
-            rows = np.searchsorted(self._merged_positions, positions[:merged])
-            groups.append((self._merged, rows))
-            ids.append(self._merged_ids[rows])
+            parts.append(self._merged_rows(positions[:merged]))
             self._merged_left -= merged
             if not self._merged_left:
                 self._held -= self._merged.num_rows
@@ -121,14 +117,23 @@ class _Rows:
         keys, firsts = np.unique(owners[merged:], return_index=True)
         ends = np.append(firsts[1:], len(owners) - merged) + merged
         for key, first, end in zip(keys.tolist(), (firsts + merged).tolist(), ends.tolist()):
-            rows = positions[first:end] - self._starts[key]
-            groups.append((self._tables[key], rows))
-            ids.append(self._ids[key][rows])
+            parts.append(self._table_rows(key, positions[first:end]))
             self._left[key] -= end - first
             if not self._left[key]:
                 self._release(key)
         assert self.schema is not None
-        return Candidates(self.schema, np.concatenate(ids) if ids else np.zeros(0, np.int64), groups)
+        return Candidates(self.schema, _ids_of(parts), [group for group, _ in parts])
+
+    def _merged_rows(self, positions: np.ndarray) -> tuple[Group, np.ndarray]:
+        """The merged table's rows at `positions` (sorted), and their ids."""
+        assert self._merged is not None
+        rows = np.searchsorted(self._merged_positions, positions)
+        return (self._merged, rows), self._merged_ids[rows]
+
+    def _table_rows(self, key: int, positions: np.ndarray) -> tuple[Group, np.ndarray]:
+        """Table `key`'s rows at `positions`, and their ids."""
+        rows = positions - self._starts[key]
+        return (self._tables[key], rows), self._ids[key][rows]
 
     def merge_if_due(self, waiting: Callable[[], np.ndarray]) -> None:
         """Merges the old tables' waiting rows if they hold too much; `waiting` lists every
@@ -155,30 +160,27 @@ class _Rows:
         cutoff = int(self._starts[newest])
         waiting = np.sort(waiting[waiting < cutoff])
         owners = np.searchsorted(self._starts, waiting, side="right") - 1
-        groups: list[Group] = []
-        ids = []
+        parts: list[tuple[Group, np.ndarray]] = []
         merged = int(np.searchsorted(owners, self._merged_below))
         if merged:
-            assert self._merged is not None
-            rows = np.searchsorted(self._merged_positions, waiting[:merged])
-            groups.append((self._merged, rows))
-            ids.append(self._merged_ids[rows])
+            parts.append(self._merged_rows(waiting[:merged]))
             self._held -= self._merged.num_rows
         for key in [k for k in sorted(self._tables) if k < newest]:
-            table = self._tables[key]
-            lo, hi = np.searchsorted(waiting, [self._starts[key], self._starts[key] + table.num_rows])
-            rows = waiting[lo:hi] - self._starts[key]
-            if len(rows):
-                groups.append((table, rows))
-                ids.append(self._ids[key][rows])
+            lo, hi = np.searchsorted(waiting, [self._starts[key], self._starts[key] + self._tables[key].num_rows])
+            if hi > lo:
+                parts.append(self._table_rows(key, waiting[lo:hi]))
             self._release(key)
         assert self.schema is not None
-        self._merged = gather_rows(self.schema, groups) if groups else None
-        self._merged_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        self._merged = gather_rows(self.schema, [group for group, _ in parts]) if parts else None
+        self._merged_ids = _ids_of(parts)
         self._merged_positions = waiting
         self._merged_left = len(waiting)
         self._merged_below = newest
         self._held += len(waiting)
+
+
+def _ids_of(parts: list[tuple[Group, np.ndarray]]) -> np.ndarray:
+    return np.concatenate([ids for _, ids in parts]) if parts else np.zeros(0, np.int64)
 
 
 class ShuffleBuffer:

@@ -109,6 +109,6 @@ def test_pipeline_reports_cluster_members_and_actor_processes(service):
         asyncio.run(service.pipeline.cluster_of("members", make_ids(99, 1)))
 
     processes = service.pipeline.processes()
-    assert {"gateway", "RegistryActor-1", "ShardReaderActor-1", "CuratorActor-1"} <= set(processes)
+    assert {"gateway", "raylet", "RegistryActor-1", "ShardReaderActor-1", "CuratorActor-1"} <= set(processes)
     for pid in processes.values():
         os.kill(pid, 0)  # each is a live process: raises if not
