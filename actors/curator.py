@@ -1,5 +1,10 @@
 """The Curator actor of one job: drives shard reads for each epoch and answers batch requests.
 
+Reads run ahead, up to `prefetch` at a time, but their results are handed to the curator in the
+epoch's shard order, whichever finishes first: with the seed, that order fixes the batches.
+Batches are chosen when a rank's request window wants them; in snapshot mode one chooser task per
+epoch asks the scorer for learner losses of each super-batch just before choosing from it.
+
 An async actor: many trainer requests wait on one event loop while reads are in flight, and
 nothing here blocks that loop (object refs are awaited, never fetched with ray.get).
 """
@@ -19,16 +24,16 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from actors.routing import learner_scorer
 from actors.runtime import ProcessInfo
 from loader.curator import Curator, CuratorSettings, Failed, JobSpec, Lookup, Materialize, Pending, Ready
+from loader.gather import gather_rows, groups_by_id
 from loader.ids import shard_of
-from loader.reader import ReadResult, gather
-from loader.sources.schema import mismatch_reason
+from loader.job.ledger import NO_SNAPSHOT
+from loader.reader import ReadResult
+from loader.sources.schema import conform, mismatch_reason
 from loader.state_store import StateStore, job_folder
 
 log = logging.getLogger("loader.curator")
 
 READ_ATTEMPTS = 3
-# How often what selection learned is written to state_dir (journals are written per batch).
-CHECKPOINT_EVERY_S = 30.0
 
 
 # Ray restarts a dead curator and retries the calls that were in flight (all of them are safe to
@@ -47,6 +52,7 @@ class CuratorActor(ProcessInfo):
         self._checkpointing: asyncio.Task | None = None
         self._learner_scorer = learner_scorer(scorers, spec.job) if scorers else None
         self._feeders: dict[int, asyncio.Task] = {}
+        self._choosers: dict[int, asyncio.Task] = {}
         self._changed: asyncio.Condition | None = None
 
     def _condition(self) -> asyncio.Condition:
@@ -66,19 +72,25 @@ class CuratorActor(ProcessInfo):
         feeder = self._feeders.get(epoch)
         if feeder is None:
             feeder = self._feeders[epoch] = asyncio.get_running_loop().create_task(self._feed(epoch))
+            if self._core.needs_snapshot:
+                self._choosers[epoch] = asyncio.get_running_loop().create_task(self._choose(epoch))
         cond = self._condition()
         async with cond:
             await cond.wait_for(lambda: epoch in self._core.epochs or feeder.done())
             while True:
+                before = self._core.progress(epoch)
                 result = self._core.lookup(rank, epoch, seq)
-                cond.notify_all()  # the feeder may be waiting for a request to read further
+                if self._core.progress(epoch) != before:
+                    # Reading or choosing may wait for this request (waking them on no change
+                    # would have waiters wake each other in a loop).
+                    cond.notify_all()
                 if not isinstance(result, Pending):
                     break
                 await cond.wait()
         if isinstance(result, Materialize):
             result = await self._materialize(result)
         if isinstance(result, Ready):
-            self._core.served(result.rows)
+            self._core.served(result.rows, epoch, seq * self._core.spec.world_size + rank)
         return result
 
     def ack(self, rank: int, epoch: int, seq: int) -> None:
@@ -91,6 +103,10 @@ class CuratorActor(ProcessInfo):
 
     def stats(self) -> dict:
         return self._core.stats()
+
+    def snapshot_pushed(self, step: int) -> None:
+        """A trainer pushed learner weights of `step`: the clock of snapshot staleness."""
+        self._core.snapshot_pushed(step)
 
     def cluster_of(self, ids: np.ndarray) -> np.ndarray:
         self._core.pool.check_ids(ids)  # an unknown id is named, not a KeyError
@@ -132,6 +148,7 @@ class CuratorActor(ProcessInfo):
         self._checkpointed = time.monotonic()
         # The file write runs off the event loop; `state` is a copy, so selection may go on.
         await asyncio.to_thread(self._store.save_arrays, f"{self._folder}/soft.npz", state)
+        await asyncio.to_thread(self._store.sync)  # journals: what a node crash could still lose
 
     def _checkpoint_if_due(self) -> None:
         busy = self._checkpointing is not None and not self._checkpointing.done()
@@ -187,25 +204,24 @@ class CuratorActor(ProcessInfo):
                 first = min(queue, key=lambda s: s.index)
                 queue.remove(first)
                 await self._accept(epoch, *await self._read(first.uri, first.index))
-                await self._select(epoch)
                 await self._notify()  # batches may be ready, and requests wait on the condition
-            inflight: set[asyncio.Task] = set()
+            # Reads in flight, oldest first: each is accepted only after those before it.
+            inflight: collections.deque[asyncio.Future] = collections.deque()
             while queue or inflight:
                 while queue and len(inflight) < self._prefetch and self._core.wants_more(epoch):
                     shard = queue.popleft()
-                    inflight.add(asyncio.ensure_future(self._read(shard.uri, shard.index)))
+                    inflight.append(asyncio.ensure_future(self._read(shard.uri, shard.index)))
                 if not inflight:
                     async with self._condition():
                         await self._condition().wait_for(lambda: self._core.wants_more(epoch))
                     continue
-                done, inflight = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    await self._accept(epoch, *task.result())
-                await self._select(epoch)
+                result = await inflight[0]
+                inflight.popleft()
+                await self._accept(epoch, *result)
                 await self._notify()
                 self._checkpoint_if_due()
             self._core.finish_reading(epoch)
-            await self._select(epoch)
+            await self._notify()
             await self.checkpoint()
         except Exception as exc:  # a waiting trainer must hear about it rather than hang
             log.exception("epoch %d of job %s failed", epoch, self._core.spec.job)
@@ -213,14 +229,37 @@ class CuratorActor(ProcessInfo):
                 self._core.fail_epoch(epoch, f"epoch {epoch} failed: {exc!r}")
         await self._notify()
 
-    async def _select(self, epoch: int) -> None:
-        """Snapshot mode: fresh learner losses for each super-batch before the policy chooses."""
-        if not self._core.needs_snapshot:
-            return
-        for candidates in self._core.take_candidates(epoch):
-            # The scorer's forward pass needs every candidate's inputs: the one full copy.
-            losses = await self._learner_scorer.learner_loss.remote(self._core.spec.job, candidates.take())
-            self._core.select(epoch, candidates, losses)
+    async def _choose(self, epoch: int) -> None:
+        """Snapshot mode: fresh learner losses for each super-batch, just before it is chosen from."""
+        core, cond = self._core, self._condition()
+        try:
+            while True:
+                async with cond:
+                    while True:
+                        run = core.epochs.get(epoch)
+                        if run is None and not self._feeders[epoch].done():
+                            await cond.wait()  # the feeder has not started the epoch yet
+                            continue
+                        if run is None or run.ledger.error or run.ledger.closed:
+                            return
+                        before = core.progress(epoch)
+                        if core.choosing_due(epoch) and core.draw(epoch) is not None:
+                            break
+                        if core.progress(epoch) != before:
+                            cond.notify_all()  # a draw took the waiting rows: reading may go on
+                            continue  # or it closed the epoch
+                        await cond.wait()
+                candidates = run.drawn
+                # The scorer's forward pass needs every candidate's inputs: the one full copy.
+                losses, step = await self._learner_scorer.learner_loss.remote(core.spec.job, candidates.take())
+                if core.epochs.get(epoch) is run:
+                    core.select(epoch, candidates, losses, NO_SNAPSHOT if losses is None else step)
+                await self._notify()
+        except Exception as exc:
+            log.exception("choosing in epoch %d of job %s failed", epoch, core.spec.job)
+            if epoch in core.epochs:
+                core.fail_epoch(epoch, f"epoch {epoch} failed: {exc!r}")
+            await self._notify()
 
     async def _accept(self, epoch: int, result: ReadResult, scores: tuple | None) -> None:
         reason = result.error or self._core.add_shard(epoch, result.index, result.table, scores)
@@ -240,8 +279,13 @@ class CuratorActor(ProcessInfo):
         shards = {int(s) for s in np.unique(shard_of(wanted.ids))}
         uris = {r.index: r.uri for r in await self._registry.records.remote()}
         results = await asyncio.gather(*(self._read(uris[s], s) for s in shards))
+        failed = [r for r, _ in results if r.table is None]
+        if failed:
+            return Failed(f"cannot re-serve batch {wanted.seq}: {failed[0].uri}: {failed[0].error}")
+        schema = self._core.schema or results[0][0].table.schema
+        tables = {r.index: r.table if r.table.schema.equals(schema) else conform(r.table, schema) for r, _ in results}
         try:
-            table = gather(wanted.ids, {r.index: r for r, _ in results})
+            table = gather_rows(schema, groups_by_id(wanted.ids, tables))
         except Exception as exc:
             return Failed(f"cannot re-serve batch {wanted.seq}: {exc}")
         return Ready(wanted.seq, len(wanted.ids), self._core.rebuild([table], wanted.weights))

@@ -1,7 +1,8 @@
 """Builds and holds the actor graph: one registry, a pool of shard readers, a curator per job.
 
-The gateway talks to this object only; every method that reaches an actor returns something to
-`await`, so the gateway's event loop never blocks on Ray.
+The gateway talks to this object and to the `JobHandle`s it gives out, never to an actor; every
+method that reaches an actor returns something to `await`, so the gateway's event loop never
+blocks on Ray.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import ray
 
 from actors.curator import CuratorActor
+from actors.job import JobHandle
 from actors.reader import ShardReaderActor
 from actors.registry import RegistryActor
 from actors.runtime import ensure_ray
@@ -50,19 +52,15 @@ class Pipeline:
         self.state_dir = tempfile.mkdtemp(prefix="loader-state-") if self._owns_state else os.path.abspath(config.state_dir)
         self._store = StateStore(self.state_dir)
         self._settings = CuratorSettings(
-            shuffle_rows=config.shuffle_rows, ready_batches=config.ready_batches, checkpoint_s=config.checkpoint_s
+            shuffle_rows=config.shuffle_rows, ready_batches=config.ready_batches, select_ahead=config.select_ahead,
+            checkpoint_s=config.checkpoint_s,
         )
         self._registry = RegistryActor.remote(self.state_dir)
         self._readers = [ShardReaderActor.remote(config.reader_cache_mb << 20) for _ in range(config.readers)]
         # Scorers start with the first job that needs them: a uniform-only service never pays for
         # a model (and its worker process).
         self._scorers: list = []
-        self._jobs: dict[str, tuple[JobSpec, object]] = {}
-        # Job -> connected trainer streams; job -> when its last stream ended.
-        self._streams: dict[str, int] = {}
-        self._idle_since: dict[str, float] = {}
-        # Job -> (snapshots received, newest step).
-        self._pushes: dict[str, tuple[int, int]] = {}
+        self._jobs: dict[str, JobHandle] = {}
         uris = expand(list(config.shards))
         if not uris:
             raise ConfigError("shards", f"{list(config.shards)} matched no files")
@@ -76,14 +74,14 @@ class Pipeline:
             raise ConfigError("uris", f"{patterns} matched no files")
         return await self._registry.add.remote(uris)
 
-    def job(self, spec: JobSpec):
-        """The curator of `spec.job`, created on first use; JobConflict if the spec disagrees."""
+    def job(self, spec: JobSpec) -> JobHandle:
+        """The job `spec.job`, its curator created on first use; JobConflict if the spec disagrees."""
         known = self._jobs.get(spec.job)
         if known is not None:
-            reason = known[0].conflict(spec)
+            reason = known.spec.conflict(spec)
             if reason:
                 raise JobConflict(reason)
-            return known[1]
+            return known
         saved = self._store.load_json(f"{job_folder(spec.job)}/spec.json")
         if saved is not None:
             reason = _spec_from_json(saved).conflict(spec)
@@ -102,51 +100,46 @@ class Pipeline:
             self.state_dir,
         )  # fmt: skip
         self._store.save_json(f"{job_folder(spec.job)}/spec.json", dataclasses.asdict(spec))
-        self._jobs[spec.job] = (spec, curator)
-        return curator
+        handle = self._jobs[spec.job] = JobHandle(spec, curator)
+        return handle
 
-    def attach(self, job: str) -> None:
-        """A trainer stream of `job` began: the job is not idle."""
-        self._streams[job] = self._streams.get(job, 0) + 1
-        self._idle_since.pop(job, None)
-
-    def detach(self, job: str) -> None:
-        self._streams[job] -= 1
-        if not self._streams[job]:
-            del self._streams[job]
-            self._idle_since[job] = time.monotonic()
+    @property
+    def trainers_connected(self) -> int:
+        return sum(handle.streams for handle in self._jobs.values())
 
     async def release_idle(self, now: float | None = None) -> list[str]:
         """Checkpoints and stops the curators of jobs idle for `job_idle_s`; returns their names.
         A later Hello starts a new curator, which restores the job from state_dir."""
         now = time.monotonic() if now is None else now
-        idle = [job for job, since in self._idle_since.items()
-                if now - since >= self.config.job_idle_s and job in self._jobs]  # fmt: skip
+        idle = [job for job, handle in self._jobs.items()
+                if handle.idle_since is not None and handle.idle_for(now) >= self.config.job_idle_s]  # fmt: skip
+        released = []
         for job in idle:
-            curator = self._jobs[job][1]
+            handle = self._jobs[job]
             try:
-                await curator.checkpoint.remote()
+                await handle.checkpoint()
             except Exception as exc:  # its journals still hold every batch
                 log.warning("job %s: checkpoint before release failed: %r", job, exc)
-            if job in self._streams:  # a trainer came back while we checkpointed
+            if handle.streams or self._jobs.get(job) is not handle:  # a trainer came back meanwhile
                 continue
             del self._jobs[job]
-            self._idle_since.pop(job, None)
-            ray.kill(curator, no_restart=True)
+            released.append(job)
+            ray.kill(handle.actor, no_restart=True)
             for scorer in self._scorers:
                 scorer.drop_learner.remote(job)
             log.info("job %s idle for %.0f s: curator released (state kept)", job, self.config.job_idle_s)
-        return idle
+        return released
 
     def actors(self) -> dict[str, list]:
         """Handles of the running actors by role (for operators' tooling and fault tests)."""
         return {
             "registry": [self._registry], "readers": list(self._readers), "scorers": list(self._scorers),
-            "curators": [curator for _, curator in self._jobs.values()],
+            "curators": [handle.actor for handle in self._jobs.values()],
         }  # fmt: skip
 
     def curator(self, job: str):
-        return self._jobs[job][1]
+        """The job's curator actor (for fault tests and operators' tooling)."""
+        return self._jobs[job].actor
 
     @property
     def epochs_kept(self) -> int:
@@ -171,19 +164,7 @@ class Pipeline:
 
     async def cluster_of(self, job: str, ids: np.ndarray) -> np.ndarray:
         """The job's cluster id of each sample id (-1: not assigned), for analysis tools."""
-        return await self.curator(job).cluster_of.remote(np.asarray(ids, np.int64))
-
-    @staticmethod
-    def next_batch(curator, rank: int, epoch: int, seq: int, acked: int = -1):
-        return curator.next_batch.remote(rank, epoch, seq, acked)
-
-    @staticmethod
-    def ack(curator, rank: int, epoch: int, seq: int) -> None:
-        curator.ack.remote(rank, epoch, seq)
-
-    @staticmethod
-    def feedback(curator, ids: np.ndarray, losses: np.ndarray):
-        return curator.feedback.remote(ids, losses)
+        return await self._jobs[job].cluster_of(ids)
 
     def _start_scorers(self) -> None:
         if self._scorers:
@@ -202,7 +183,7 @@ class Pipeline:
         known = self._jobs.get(job)
         if known is None:
             raise JobConflict(f"unknown job {job!r}: open its Train stream first")
-        spec = known[0]
+        spec = known.spec
         if spec.options.learner_loss != "snapshot":
             raise JobConflict(f"job {job!r} takes learner losses from {spec.options.learner_loss}, not snapshots")
         learner = ModelSpec.from_mapping(
@@ -210,16 +191,15 @@ class Pipeline:
         )
         scorer = learner_scorer(self._scorers, job)
         await scorer.set_learner.remote(job, learner, weights, step)
-        count, _ = self._pushes.get(job, (0, 0))
-        self._pushes[job] = (count + 1, step)
+        await known.snapshot_pushed(step)
         return step
 
     async def stats(self, job: str = "") -> dict:
         names = [name for name in self._jobs if not job or name == job]
-        jobs = await asyncio.gather(*(self._jobs[name][1].stats.remote() for name in names))
+        jobs = await asyncio.gather(*(self._jobs[name].stats() for name in names))
         scorers = await asyncio.gather(*(s.stats.remote() for s in self._scorers))
         for name, info in zip(names, jobs):
-            info["weight_pushes"], info["weights_step"] = self._pushes.get(name, (0, 0))
+            info["weight_pushes"], info["weights_step"] = self._jobs[name].pushes, self._jobs[name].weights_step
             costs = [s["learner"][name] for s in scorers if name in s["learner"]]
             info["learner_scored_samples"] = sum(c[0] for c in costs)
             info["learner_scoring_seconds"] = sum(c[1] for c in costs)
@@ -233,7 +213,7 @@ class Pipeline:
 
     def shutdown(self, checkpoint_timeout_s: float = 30.0) -> None:
         """Saves every job's selection state, then stops the actors."""
-        curators = [curator for _, curator in self._jobs.values()]
+        curators = [handle.actor for handle in self._jobs.values()]
         try:
             ray.get([c.checkpoint.remote() for c in curators], timeout=checkpoint_timeout_s)
         except Exception as exc:  # stopping must go on; the journals still hold every batch

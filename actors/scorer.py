@@ -85,19 +85,19 @@ class ScorerActor(ProcessInfo):
         """Frees the job's learner snapshot (the job was released; a push brings it back)."""
         self._learners.pop(job, None)
 
-    def learner_loss(self, job: str, table: pa.Table) -> np.ndarray | None:
-        """Per-sample loss of the job's newest snapshot; None before the first push (the curator
-        then falls back to reported losses)."""
+    def learner_loss(self, job: str, table: pa.Table) -> tuple[np.ndarray | None, int]:
+        """Per-sample loss of the job's newest snapshot and that snapshot's step; (None, -1)
+        before the first push (the curator then falls back to reported losses)."""
         known = self._learners.get(job)
         if known is None:
-            return None
+            return None, -1
         started = time.perf_counter()
         inputs, labels = inputs_from_table(table, *self._columns)
         losses = learner_losses(known[1], inputs, labels, device=self._device)
         cost = self._learner_cost.setdefault(job, [0, 0.0])
         cost[0] += len(labels)
         cost[1] += time.perf_counter() - started
-        return losses
+        return losses, known[2]
 
     def stats(self) -> dict:
         return {

@@ -1,9 +1,8 @@
 """Drives one job's pure Curator through epochs the way the curator actor does, and times each part
 of every full-size batch: the quota draw, `select`, the Arrow IPC encode, and the feedback report.
 
-The job runs in snapshot mode so that reading a shard does not select by itself (in feedback mode
-`add_shard` calls `collect`, which would fold the draw into the read); the driver then calls
-`take_candidates` and `select` itself, which is what `collect` does. Passing no learner losses to
+The driver calls `draw` and `select` itself after each shard, as the curator actor's chooser does
+in snapshot mode (a request's `lookup` does the same in feedback mode). Passing no learner losses to
 `select` makes it read reported losses from the pool: feedback mode's exact computation (and what
 snapshot mode does before the first weight push). Passing losses is snapshot mode's computation.
 """
@@ -98,7 +97,7 @@ class Driver:
         self.rng = np.random.default_rng(seed + 2)
         self.epoch = -1
         self.queue: collections.deque = collections.deque()
-        self.super_batch = self.curator.super_batch
+        self.super_batch = self.curator.selector.super_batch
 
     def run(self, batches: int, snapshot: bool = False) -> Timings:
         """Reads shards (starting epochs as needed) until `batches` full-size batches are timed."""
@@ -123,23 +122,24 @@ class Driver:
 
     def _select_ready(self, out: Timings, snapshot: bool) -> None:
         curator, epoch = self.curator, self.epoch
-        wall, cpu = time.perf_counter(), time.process_time()
-        candidates = curator.take_candidates(epoch)
-        share = max(len(candidates), 1)
-        draw_wall, draw_cpu = (time.perf_counter() - wall) / share, (time.process_time() - cpu) / share
-        for table in candidates:
+        while True:
+            wall, cpu = time.perf_counter(), time.process_time()
+            table = curator.draw(epoch)
+            draw_wall, draw_cpu = time.perf_counter() - wall, time.process_time() - cpu
+            if table is None:
+                break
             rows = table.num_rows
             losses = self._losses(rows) if snapshot else None
-            before = curator.selection_seconds
+            before = curator.selector.seconds
             wall, cpu = time.perf_counter(), time.process_time()
             curator.select(epoch, table, losses)
             call_wall, call_cpu = time.perf_counter() - wall, time.process_time() - cpu
-            select_wall = curator.selection_seconds - before
-            run = curator.epochs[epoch]
-            seq, kept = len(run.ids) - 1, run.ids[-1]
+            select_wall = curator.selector.seconds - before
+            ledger = curator.epochs[epoch].ledger
+            seq, kept = len(ledger) - 1, ledger.ids[-1]
             # The encode's CPU time, measured again on the same batch: select's CPU time is the
             # call's minus this (the curator's own counter is wall time and stops before encoding).
-            batch = codec.decode(run.payloads[seq])
+            batch = codec.decode(ledger.lookup(0, seq).payload)
             cpu = time.process_time()
             codec.encode(batch)
             encode_cpu = time.process_time() - cpu

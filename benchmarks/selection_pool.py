@@ -75,7 +75,7 @@ def fill_pool(
         ids = clusterer.assign(embedding) if index < ASSIGNED_SHARDS else clusterer.predict(embedding)
         pool.set_clusters(index, ids)
         records.append(ShardRecord(index=index, uri=f"mem://shard-{index}", state="ready", rows=rows))
-    curator.clusters = clusterer
+    curator.selector.clusters = clusterer
     sizes, _ = pool.cluster_sizes()
     return PoolBuild(records, time.perf_counter() - started, clusterer.num_clusters, int((sizes > 0).sum()))
 
@@ -107,7 +107,6 @@ def index_bytes(curator: Curator) -> dict[str, int]:
     pool = curator.pool
     columns = {
         "learner_loss": pool._learner_loss,
-        "reported": pool._reported,
         "ref_loss": pool._ref_loss,
         "cluster": pool._cluster,
         "embedding": pool._embedding,

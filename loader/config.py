@@ -6,74 +6,182 @@ import dataclasses
 import ipaddress
 import os
 import pathlib
-from typing import Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 import yaml
+from annotated_types import Interval, MinLen
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, PlainValidator, Strict, TypeAdapter, ValidationError
 
 from loader.errors import ConfigError
-
+from loader.selection.options import SelectionOptions, parse_options
+from loader.selection.policies import POLICIES
 
 TOKEN_ENV = "LOADER_TOKEN"
+
+# Each key below is declared once: its type and bounds in the annotation (read by pydantic when
+# `from_mapping` validates a YAML mapping), its default on the dataclass. Strict: YAML reads
+# `readers: yes` as True and `readers: "2"` as a string, and both are mistakes, not counts.
+# No key has a use for NaN or infinity (NaN would slip through every bound).
+_SCHEMA_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
+_STRICT = Strict()
+_POLICY_NAMES = tuple(sorted(POLICIES))
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        return pathlib.Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"file {path!r} not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path!r} is a directory, expected a file") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path!r}: {exc.strerror}") from None
+
+
+def _pem(path: str) -> str:
+    if b"-----BEGIN " not in _read_file(path):
+        raise ValueError(f"{path!r} is not a PEM file (no -----BEGIN line)")
+    return path
+
+
+_PEM_FILE = Annotated[str, _STRICT, MinLen(1), AfterValidator(_pem)]
 
 
 @dataclasses.dataclass(frozen=True)
 class TLSConfig:
     """PEM files of the server's TLS identity; `client_ca` set means mutual TLS."""
 
-    cert: str
-    key: str
+    __pydantic_config__ = _SCHEMA_CONFIG
+
+    cert: _PEM_FILE  # the server's certificate (chain)
+    key: _PEM_FILE  # its private key
     # Clients must present a certificate signed by this CA; None: any client may connect.
-    client_ca: str | None = None
+    client_ca: _PEM_FILE | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Columns:
+    __pydantic_config__ = _SCHEMA_CONFIG
+
+    input: Annotated[str, _STRICT, MinLen(1)] = "x"
+    label: Annotated[str, _STRICT, MinLen(1)] = "y"
+
+
+_COLUMNS = TypeAdapter(_Columns)
+
+
+def _patterns(value: Any) -> Any:
+    # One pattern may be written without a list; a list becomes the tuple the config holds.
+    return (value,) if isinstance(value, str) else tuple(value) if isinstance(value, list) else value
+
+
+# The checks that raise ConfigError elsewhere raise ValueError here, so that pydantic goes on and
+# an unknown key (reported first) is not hidden behind them.
+def _address(address: str) -> str:
+    try:
+        parse_address(address)
+    except ConfigError as exc:
+        raise ValueError(exc.problem) from None
+    return address
+
+
+def _token_file(path: str) -> str:
+    try:
+        _token_from_file(path)
+    except ConfigError as exc:
+        raise ValueError(exc.problem) from None
+    return path
+
+
+def _reference(value: Any) -> Any:
+    if value is None:
+        return None
+    from loader.scoring import ModelSpec  # imports torch: only when a reference is configured
+
+    return ModelSpec.from_mapping(value, key="reference")
+
+
+def _columns(value: Any) -> tuple[tuple[str, str], ...]:
+    try:
+        columns = _COLUMNS.validate_python(value)
+    except ValidationError as exc:
+        raise ConfigError.from_validation(exc, _Columns, "columns") from None
+    return (("input", columns.input), ("label", columns.label))
+
+
+def _selection(value: Any) -> SelectionOptions:
+    return SelectionOptions() if value is None else parse_options(value, key="selection")
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
+_COUNT = Annotated[int, _STRICT, Interval(ge=1)]
+_SIZE = Annotated[int, _STRICT, Interval(ge=0)]
+_SECONDS = Annotated[float, _STRICT, Interval(gt=0)]
+_TEXT = Annotated[str, _STRICT]
 
 
 @dataclasses.dataclass(frozen=True)
 class ServiceConfig:
+    """The service's settings. `from_mapping` checks them; code that builds one itself is trusted."""
+
+    __pydantic_config__ = _SCHEMA_CONFIG
+
     # Shard paths, brace patterns (`train-{000000..000009}.tar`) or globs.
-    shards: tuple[str, ...] = ()
+    shards: Annotated[tuple[Annotated[str, _STRICT, MinLen(1)], ...], BeforeValidator(_patterns)] = ()
     # HOST:PORT for the gRPC server; port 0 lets the OS pick (printed as `listening on HOST:PORT`).
-    address: str = "127.0.0.1:50051"
+    address: Annotated[str, _STRICT, AfterValidator(_address)] = "127.0.0.1:50051"
     # None: start a local Ray on loopback; "auto" or ray://...: join that cluster.
-    ray_address: str | None = None
+    ray_address: _TEXT | None = None
     # CPUs given to a local Ray (None: all of the machine's).
-    num_cpus: int | None = None
-    readers: int = 2
+    num_cpus: _COUNT | None = None
+    readers: _COUNT = 2
     # Decoded shards each reader keeps in memory (MiB); curated policies re-read the whole pool
     # every epoch, so a pool that fits is decoded once. 0 turns the cache off.
-    reader_cache_mb: int = 256
+    reader_cache_mb: _SIZE = 256
     # Shard reads a curator keeps in flight.
-    prefetch_shards: int = 2
+    prefetch_shards: _COUNT = 2
     # Rows held back and sampled from, per job epoch; larger mixes shards better, costs memory.
-    shuffle_rows: int = 4096
-    # Batches a curator assembles ahead of the slowest request before it pauses reading.
-    ready_batches: int = 16
-    default_policy: str = "uniform"
-    max_message_bytes: int = 256 * 1024 * 1024
+    shuffle_rows: _SIZE = 4096
+    # Super-batches per rank a curator reads ahead of what it has chosen before it pauses reading.
+    ready_batches: _COUNT = 16
+    # Batches per rank chosen ahead of a request: few, so choices use fresh learner losses.
+    select_ahead: _SIZE = 2
+    default_policy: Literal[_POLICY_NAMES] = "uniform"
+    max_message_bytes: _COUNT = 256 * 1024 * 1024
     # A stream must send Hello within this many seconds.
-    hello_timeout_s: float = 30.0
+    hello_timeout_s: _SECONDS = 30.0
     # A job with no trainer connected for this long is checkpointed and its curator released; a
     # later Hello brings it back from its saved state.
-    job_idle_s: float = 600.0
+    job_idle_s: _SECONDS = 600.0
     # How often each job's selection state (learner losses, clusters, bandit, memory) is saved.
-    checkpoint_s: float = 30.0
+    checkpoint_s: _SECONDS = 30.0
     # Folder for the registry, scores, selection state and batch journals; None: a private
     # temporary folder for this service's lifetime (enough for actor restarts, not for its own).
-    state_dir: str | None = None
-    log_level: str = "INFO"
+    state_dir: _TEXT | None = None
+    # Case-insensitive in the YAML, upper case here.
+    log_level: Annotated[Literal[_LOG_LEVELS], BeforeValidator(_upper)] = "INFO"
     # The reference model of curated policies: {factory: "module:function", kwargs: {...},
-    # weights: path}. None: only policies that need no reference (uniform, loss) can run.
-    reference: Any = None
-    # Which columns hold a sample's model input and its class label.
-    columns: tuple[tuple[str, str], ...] = (("input", "x"), ("label", "y"))
+    # weights: path}, held as a loader.scoring.ModelSpec. None: only policies that need no
+    # reference (uniform, loss) can run.
+    reference: Annotated[Any, PlainValidator(_reference)] = None
+    # Which columns hold a sample's model input and its class label; written as a mapping.
+    columns: Annotated[tuple[tuple[str, str], ...], PlainValidator(_columns)] = (("input", "x"), ("label", "y"))
     # Scorer actors (reference losses, embeddings, snapshot learner losses), and the fraction of
     # a GPU each takes when Ray has GPUs.
-    scorers: int = 1
-    scorer_gpus: float = 0.25
+    scorers: _COUNT = 1
+    scorer_gpus: Annotated[float, _STRICT, Interval(ge=0, le=1)] = 0.25
     # Defaults for curated policies: keep_ratio, selector, beta, learner_loss, ...; a trainer's
-    # Hello options override them per job.
-    selection: Any = dataclasses.field(default_factory=lambda: _default_selection())
+    # Hello options override them per job. Written as a mapping, checked by parse_options.
+    selection: Annotated[SelectionOptions, PlainValidator(_selection)] = dataclasses.field(
+        default_factory=SelectionOptions
+    )
     # A file holding the bearer token every RPC but health must carry. Only the path lives here,
     # so the secret never travels with the config (to Ray actors, into logs or reprs).
-    token_file: str | None = None
+    token_file: Annotated[str, _STRICT, AfterValidator(_token_file)] | None = None
     # TLS for the gRPC port; None serves plaintext.
     tls: TLSConfig | None = None
 
@@ -86,119 +194,7 @@ class ServiceConfig:
         return dict(self.columns)["label"]
 
 
-def _default_selection():
-    from loader.selection.options import SelectionOptions
-
-    return SelectionOptions()
-
-
-_FIELDS = {f.name: f for f in dataclasses.fields(ServiceConfig)}
-_POSITIVE_INTS = ("readers", "prefetch_shards", "ready_batches", "max_message_bytes", "scorers")
-_NON_NEGATIVE_INTS = ("shuffle_rows", "reader_cache_mb")
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-def _check_type(key: str, value: Any, kind: type | tuple) -> None:
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise ConfigError(key, f"expected {_kind_name(kind)}, got a boolean")
-    if not isinstance(value, kind):
-        raise ConfigError(key, f"expected {_kind_name(kind)}, got {type(value).__name__} {value!r}")
-
-
-def _kind_name(kind: type | tuple) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join({int: "an integer", float: "a number", str: "a string"}.get(k, k.__name__) for k in kinds)
-
-
-def _normalise(key: str, value: Any) -> Any:
-    if key == "shards":
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-            raise ConfigError(key, "expected a pattern or a list of non-empty path patterns")
-        return tuple(value)
-    if key in ("ray_address", "state_dir"):
-        if value is not None:
-            _check_type(key, value, str)
-        return value
-    if key == "num_cpus":
-        if value is not None:
-            _check_type(key, value, int)
-            if value < 1:
-                raise ConfigError(key, f"must be at least 1, got {value}")
-        return value
-    if key in _POSITIVE_INTS or key in _NON_NEGATIVE_INTS:
-        _check_type(key, value, int)
-        if value < (0 if key in _NON_NEGATIVE_INTS else 1):
-            raise ConfigError(key, f"must be {'non-negative' if key in _NON_NEGATIVE_INTS else 'positive'}, got {value}")
-        return value
-    if key in ("hello_timeout_s", "job_idle_s", "checkpoint_s"):
-        _check_type(key, value, (int, float))
-        if not 0 < value < float("inf"):
-            raise ConfigError(key, f"must be a positive finite number, got {value}")
-        return float(value)
-    if key == "address":
-        _check_type(key, value, str)
-        parse_address(value)
-        return value
-    if key == "log_level":
-        _check_type(key, value, str)
-        if value.upper() not in _LOG_LEVELS:
-            raise ConfigError(key, f"expected one of {', '.join(_LOG_LEVELS)}, got {value!r}")
-        return value.upper()
-    if key == "reference":
-        if value is None:
-            return None
-        from loader.scoring import ModelSpec
-
-        return ModelSpec.from_mapping(value, key="reference")
-    if key == "selection":
-        from loader.selection.options import SelectionOptions, parse_options
-
-        return SelectionOptions() if value is None else parse_options(value, key="selection")
-    if key == "columns":
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping with `input` and `label`, got {type(value).__name__}")
-        unknown = sorted(set(value) - {"input", "label"})
-        if unknown:
-            raise ConfigError(f"columns.{unknown[0]}", "unknown key; known keys: input, label")
-        merged = {"input": "x", "label": "y", **value}
-        for name, column in merged.items():
-            if not isinstance(column, str) or not column:
-                raise ConfigError(f"columns.{name}", f"expected a column name, got {column!r}")
-        return (("input", merged["input"]), ("label", merged["label"]))
-    if key == "scorer_gpus":
-        _check_type(key, value, (int, float))
-        if not 0 <= value <= 1:
-            raise ConfigError(key, f"must be between 0 and 1, got {value}")
-        return float(value)
-    if key == "token_file":
-        if value is None:
-            return None
-        _check_type(key, value, str)
-        _token_from_file(value)
-        return value
-    if key == "tls":
-        return None if value is None else _tls(value)
-    if key == "default_policy":
-        _check_type(key, value, str)
-        from loader.selection.policies import POLICIES
-
-        if value not in POLICIES:
-            raise ConfigError(key, f"unknown policy {value!r}; known: {', '.join(sorted(POLICIES))}")
-        return value
-    return value
-
-
-def _read_file(key: str, path: str) -> bytes:
-    try:
-        return pathlib.Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(key, f"file {path!r} not found") from None
-    except IsADirectoryError:
-        raise ConfigError(key, f"{path!r} is a directory, expected a file") from None
-    except OSError as exc:
-        raise ConfigError(key, f"cannot read {path!r}: {exc.strerror}") from None
+_SCHEMA = TypeAdapter(ServiceConfig)
 
 
 def _checked_token(key: str, token: str) -> str:
@@ -212,31 +208,12 @@ def _checked_token(key: str, token: str) -> str:
 
 def _token_from_file(path: str) -> str:
     try:
-        text = _read_file("token_file", path).decode("ascii")
+        text = _read_file(path).decode("ascii")
     except UnicodeDecodeError:
         raise ConfigError("token_file", "the token must be printable ASCII without spaces") from None
+    except ValueError as exc:
+        raise ConfigError("token_file", str(exc)) from None
     return _checked_token("token_file", text.strip())
-
-
-def _tls(value: Any) -> TLSConfig:
-    if not isinstance(value, dict):
-        raise ConfigError("tls", f"expected a mapping of cert, key and optional client_ca, got {type(value).__name__}")
-    known = ("cert", "key", "client_ca")
-    unknown = sorted(set(value) - set(known))
-    if unknown:
-        raise ConfigError(f"tls.{unknown[0]}", f"unknown key; known keys: {', '.join(known)}")
-    for name, what in (("cert", "certificate (chain)"), ("key", "private key")):
-        if value.get(name) is None:
-            raise ConfigError(f"tls.{name}", f"required: the PEM file of the server's {what}")
-    for name in known:
-        path = value.get(name)
-        if path is None:
-            continue
-        if not isinstance(path, str) or not path:
-            raise ConfigError(f"tls.{name}", f"expected a path to a PEM file, got {path!r}")
-        if b"-----BEGIN " not in _read_file(f"tls.{name}", path):
-            raise ConfigError(f"tls.{name}", f"{path!r} is not a PEM file (no -----BEGIN line)")
-    return TLSConfig(cert=value["cert"], key=value["key"], client_ca=value.get("client_ca"))
 
 
 def read_token(config: ServiceConfig, environ: Mapping[str, str] | None = None) -> str | None:
@@ -275,10 +252,10 @@ def is_loopback(address: str) -> bool:
 def from_mapping(values: dict[str, Any], source: str = "config") -> ServiceConfig:
     if not isinstance(values, dict):
         raise ConfigError(source, f"expected a mapping of keys to values, got {type(values).__name__}")
-    unknown = sorted(set(values) - set(_FIELDS))
-    if unknown:
-        raise ConfigError(unknown[0], f"unknown key; known keys: {', '.join(sorted(_FIELDS))}")
-    return ServiceConfig(**{k: _normalise(k, v) for k, v in values.items()})
+    try:
+        return _SCHEMA.validate_python(values)
+    except ValidationError as exc:
+        raise ConfigError.from_validation(exc, ServiceConfig) from None
 
 
 def load(

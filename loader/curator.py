@@ -1,18 +1,16 @@
-"""The curator of one job: epochs, selection, the batch ledger, per-rank cursors and feedback.
+"""The curator of one job: its epochs, each a shard order, an assembler and a ledger, and the
+job's Selector. No Ray here.
 
-No Ray here. Each epoch's shards flow into an EpochAssembler that cuts super-batches of
-B / keep_ratio candidates; the job's policy keeps B of each (all of them under `uniform`).
-
-Global batch g of an epoch goes to rank g % world_size as that rank's sequence number
-g // world_size. The ledger keeps every served batch's ids and weights for the epoch, so a trainer
-resuming from an older `state_dict` gets the very same batches again; encoded payloads are kept
-only until the rank acknowledges them.
+Each epoch's shards are added in the order `start_epoch` gave (the actor consumes reads in that
+order, however they finish), wait in the epoch's assembler, and are cut into super-batches of
+B / keep_ratio candidates only when a batch is wanted: `lookup` of a batch that is not chosen yet
+chooses up to `select_ahead` batches beyond it for that rank. Reading runs ahead; choosing does
+not, so a batch is chosen with the learner losses of the moment it is asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -21,97 +19,29 @@ import pyarrow as pa
 from loader import codec
 from loader.epoch import Candidates, ClusteredShuffleBuffer, EpochAssembler, ShuffleBuffer
 from loader.ids import shard_of
-from loader.pool import PoolIndex, UnknownSamples
+from loader.job.ledger import NO_SNAPSHOT, EndOfEpoch, Failed, Ledger, Lookup, Materialize, Pending, Ready
+from loader.job.spec import CuratorSettings, JobSpec
 from loader.registry import ShardRecord
-from loader.selection.bandit import get_bandit, reward_from_feedback
-from loader.selection.diversity import EmbeddingMemory
-from loader.selection.options import SelectionOptions, keep_count
-from loader.selection.policies import make_policy
-from loader.selection.scores import fill_missing
+from loader.selection.selector import Selector
 from loader.sources.schema import conform, mismatch_reason
 
-
-@dataclasses.dataclass(frozen=True)
-class JobSpec:
-    job: str
-    batch_size: int
-    world_size: int
-    policy: str
-    seed: int
-    options: SelectionOptions = SelectionOptions()
-    # Planned epochs (0: unknown); lets a policy anneal near the end of training.
-    total_epochs: int = 0
-
-    def conflict(self, other: "JobSpec") -> str:
-        """Why `other` cannot join this job, or '' if it can."""
-        for field in ("batch_size", "world_size", "policy", "seed", "options", "total_epochs"):
-            mine, theirs = getattr(self, field), getattr(other, field)
-            if mine != theirs:
-                return f"job {self.job!r} runs with {field}={mine!r}, got {field}={theirs!r}"
-        return ""
-
-
-@dataclasses.dataclass(frozen=True)
-class CuratorSettings:
-    shuffle_rows: int = 4096
-    ready_batches: int = 16
-    keep_epochs: int = 2
-    # How often what selection has learned is written to the state folder (journals: per batch).
-    checkpoint_s: float = 30.0
-
-
-@dataclasses.dataclass
-class Ready:
-    seq: int
-    rows: int
-    payload: bytes
-
-
-@dataclasses.dataclass
-class Pending:
-    pass
-
-
-@dataclasses.dataclass
-class EndOfEpoch:
-    batches: int
-
-
-@dataclasses.dataclass
-class Materialize:
-    """An acknowledged batch is wanted again: its rows must be re-read from these ids."""
-
-    seq: int
-    ids: np.ndarray
-    weights: np.ndarray
-
-
-@dataclasses.dataclass
-class Failed:
-    message: str
-
-
-Lookup = Ready | Pending | EndOfEpoch | Materialize | Failed
+__all__ = [
+    "Curator", "CuratorSettings", "EndOfEpoch", "EpochRun", "Failed", "JobSpec", "Lookup", "Materialize",
+    "Pending", "Ready",
+]  # fmt: skip
 
 
 @dataclasses.dataclass
 class EpochRun:
     assembler: EpochAssembler
+    ledger: Ledger
+    # The policy's random choices in this epoch.
     rng: np.random.Generator
-    ids: list[np.ndarray] = dataclasses.field(default_factory=list)
-    weights: list[np.ndarray] = dataclasses.field(default_factory=list)
-    payloads: dict[int, bytes] = dataclasses.field(default_factory=dict)
-    # Highest global batch index any rank has asked for; drives read-ahead.
-    wanted: int = -1
-    ended_ranks: set[int] = dataclasses.field(default_factory=set)
-    # Per rank: the highest acknowledged sequence number (payloads up to it are dropped).
-    acked: dict[int, int] = dataclasses.field(default_factory=dict)
-    error: str = ""
-    # Super-batches taken for selection but not selected yet (snapshot mode awaits a scorer).
-    selecting: int = 0
     # A run restored from a journal: sorted ids already considered, which reading must skip.
     skip: np.ndarray | None = None
     started: bool = True
+    # A super-batch drawn and awaiting its learner losses (snapshot mode): at most one at a time.
+    drawn: Candidates | None = None
 
 
 # Called with (epoch, candidate ids, kept ids, weights) for every batch before it can be served.
@@ -123,38 +53,36 @@ class Curator:
         self, spec: JobSpec, settings: CuratorSettings = CuratorSettings(), journal: Journal | None = None
     ) -> None:
         self.spec, self.settings, self.journal = spec, settings, journal
-        self.policy = make_policy(spec.policy, spec.options)
-        self.super_batch = self.policy.super_batch(spec.batch_size)
-        # Snapshot mode gets learner losses from a scorer, asynchronously, per super-batch.
-        self.needs_snapshot = self.policy.needs_learner and spec.options.learner_loss == "snapshot"
-        options = spec.options
-        self.needs_scores = self.policy.needs_reference or options.needs_embeddings
-        self.pool = PoolIndex()
-        # Bandit over clusters of reference embeddings (arms), and a memory of served embeddings.
-        self.clusters = self.bandit = self.memory = None
-        if options.bandit != "none":
-            from loader.selection.clusters import OnlineClusters  # scikit-learn: only when used
-
-            # Warm start with up to 8 clusters (as OnlineClusters does), never more than the cap.
-            init = min(8, options.max_clusters)
-            self.clusters = OnlineClusters(max_clusters=options.max_clusters, init_clusters=init, seed=spec.seed)
-            self.bandit = get_bandit(options.bandit)(gamma=options.gamma, eta=options.eta, seed=spec.seed)
-        if options.diversity > 0:
-            self.memory = EmbeddingMemory(options.memory_size)
-        self.served_per_cluster = np.zeros(0, np.int64)
+        self.selector = Selector(spec.policy, spec.options, spec.batch_size, spec.seed)
         self.schema: pa.Schema | None = None
         self.epochs: dict[int, EpochRun] = {}
         self.batches_served = 0
         self.samples_served = 0
         self.samples_considered = 0
-        self.selection_seconds = 0.0
-        self.selections = 0
+        # Snapshot mode: per served batch, the trainer steps between the snapshot that chose it
+        # and the newest snapshot when it was asked for (how stale its learner losses were).
+        self.newest_snapshot = NO_SNAPSHOT
+        self.staleness_sum = 0
+        self.staleness_max = 0
+        self.staleness_batches = 0
+
+    @property
+    def pool(self):
+        return self.selector.pool
+
+    @property
+    def needs_snapshot(self) -> bool:
+        return self.selector.needs_snapshot
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.selector.needs_scores
 
     # -- reading side ---------------------------------------------------------------------------
 
     def start_epoch(self, epoch: int, shards: list[ShardRecord]) -> list[ShardRecord]:
         """Creates the epoch (or goes on with one restored from its journal) and returns its
-        shards in the order to read them."""
+        shards in the order to read them, which is the order they must be added in."""
         run = self.epochs.get(epoch)
         if run is not None and run.started:
             raise RuntimeError(f"epoch {epoch} already started")
@@ -175,8 +103,7 @@ class Curator:
         run = self._new_run(epoch)
         run.started = False
         for _, kept, weights in batches:
-            run.ids.append(kept)
-            run.weights.append(weights)
+            run.ledger.append(kept, weights, None)
         considered = [c for c, _, _ in batches]
         run.skip = np.sort(np.concatenate(considered)) if considered else np.zeros(0, np.int64)
         run.assembler.emitted = len(batches)
@@ -185,26 +112,24 @@ class Curator:
     def _new_run(self, epoch: int) -> EpochRun:
         rng = np.random.default_rng(np.random.SeedSequence([self.spec.seed, epoch, 1]))
         assembler = EpochAssembler(
-            self.super_batch, self.spec.world_size, self.settings.shuffle_rows, int(rng.integers(2**63)),
+            self.selector.super_batch, self.spec.world_size, self.settings.shuffle_rows, int(rng.integers(2**63)),
             buffer=self._buffer,
         )  # fmt: skip
-        return EpochRun(assembler, np.random.default_rng(rng.integers(2**63)))
+        return EpochRun(assembler, Ledger(self.spec.world_size), np.random.default_rng(rng.integers(2**63)))
 
     def _shard_rng(self, epoch: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence([self.spec.seed, epoch, 0]))
 
     def _buffer(self, rng: np.random.Generator) -> ShuffleBuffer | ClusteredShuffleBuffer:
-        if self.bandit is None:
-            return ShuffleBuffer(rng)
-        # Late-bound: restore_state replaces the pool and the bandit objects.
-        return ClusteredShuffleBuffer(rng, lambda ids: self.pool.cluster_of(ids),
-                                      lambda k, counts: self.bandit.quotas(k, counts))  # fmt: skip
+        if self.selector.draws_by_cluster:
+            return ClusteredShuffleBuffer(rng, self.selector)
+        return ShuffleBuffer(rng)
 
     def add_shard(
         self, epoch: int, index: int, table: pa.Table, scores: tuple[np.ndarray, np.ndarray] | None = None
     ) -> str:
-        """Adds one shard's rows (and its reference scores); returns why the shard must be
-        quarantined, or ''."""
+        """Adds one shard's rows (and its reference scores), in the epoch's order; returns why the
+        shard must be quarantined, or ''."""
         if self.schema is None:
             self.schema = table.schema
         elif not table.schema.equals(self.schema):
@@ -212,81 +137,81 @@ class Curator:
             if reason:
                 return reason
             table = conform(table, self.schema)  # the same columns in another order
-        if self.needs_scores and scores is None and not self.pool.has_scores(index):
-            return "no reference scores for this shard"
+        reason = self.selector.add_shard(index, table.num_rows, scores)
+        if reason:
+            return reason
         run = self.epochs[epoch]
-        self.pool.ensure_shard(index, table.num_rows)
-        if scores is not None and not self.pool.has_scores(index):
-            self.pool.set_scores(index, *scores)
-            # Ids restored from a checkpoint stay: re-assigning would move them and the centroids.
-            if self.clusters is not None and not self.pool.has_clusters(index):
-                self.pool.set_clusters(index, self.clusters.assign(scores[1]))
         if run.skip is not None and len(run.skip):
             table = table.filter(pa.array(~np.isin(table.column(codec.ID).to_numpy(), run.skip)))
         run.assembler.add(table)
-        if not self.needs_snapshot:
-            self.collect(epoch)
         return ""
 
     def finish_reading(self, epoch: int) -> None:
         self.epochs[epoch].assembler.finish()
-        if not self.needs_snapshot:
-            self.collect(epoch)
 
     def fail_epoch(self, epoch: int, message: str) -> None:
-        self.epochs[epoch].error = message
+        self.epochs[epoch].ledger.error = message
 
     def wants_more(self, epoch: int) -> bool:
+        """Whether reading should go on: rows waiting to be drawn cover fewer than `ready_batches`
+        super-batches per rank."""
         run = self.epochs[epoch]
-        return len(run.ids) <= run.wanted + self.settings.ready_batches * self.spec.world_size
+        ahead = self.settings.ready_batches * self.spec.world_size * self.selector.super_batch
+        return run.assembler.waiting_rows() < ahead
 
-    def take_candidates(self, epoch: int) -> list[Candidates]:
-        """Super-batches ready for selection, in order; each must go through `select`. Their rows
-        stay in the shuffle buffer's tables until `select` copies the kept ones."""
+    # -- choosing --------------------------------------------------------------------------------
+
+    def progress(self, epoch: int) -> tuple:
+        """What reading and choosing wait on; it changes whenever either may go on."""
+        run = self.epochs.get(epoch)
+        if run is None:
+            return ()
+        ledger = run.ledger
+        return len(ledger), ledger.wanted, ledger.closed, ledger.error, run.assembler.waiting_rows()
+
+    def choosing_due(self, epoch: int) -> bool:
+        """Whether a rank's window wants a batch that is not chosen yet."""
         run = self.epochs[epoch]
-        candidates = run.assembler.pop_ready()
-        run.selecting += len(candidates)
-        return candidates
+        ahead = self.settings.select_ahead * self.spec.world_size
+        return not run.ledger.closed and len(run.ledger) <= run.ledger.wanted + ahead
 
-    def collect(self, epoch: int) -> None:
-        for candidates in self.take_candidates(epoch):
+    def draw(self, epoch: int) -> Candidates | None:
+        """The super-batch to choose the epoch's next batch from, or None: it needs rows not read
+        yet, or there is none left (then the epoch's ledger is closed). Snapshot mode: give it to
+        `select` with the learner losses of its rows."""
+        run = self.epochs[epoch]
+        if run.drawn is None:
+            run.drawn = run.assembler.next()
+            if run.drawn is None and run.assembler.exhausted:
+                run.ledger.closed = True
+        return run.drawn
+
+    def choose(self, epoch: int) -> None:
+        """Chooses batches while the ranks' windows want them and rows are there (not in snapshot
+        mode, whose learner losses come from a scorer: the actor draws and selects)."""
+        if self.needs_snapshot:
+            return
+        while self.choosing_due(epoch) and (candidates := self.draw(epoch)) is not None:
             self.select(epoch, candidates)
 
-    def select(self, epoch: int, candidates: Candidates, learner_loss: np.ndarray | None = None) -> None:
-        """Keeps the policy's choice of `candidates` as the epoch's next batch; the rest of the
-        super-batch is not served this epoch. `learner_loss` is per candidate, in their order."""
-        started = time.perf_counter()
+    def select(
+        self, epoch: int, candidates: Candidates, learner_loss: np.ndarray | None = None,
+        snapshot_step: int = NO_SNAPSHOT,
+    ) -> None:  # fmt: skip
+        """Keeps the Selector's choice of the drawn `candidates` as the epoch's next batch; the
+        rest of the super-batch is not served this epoch. `learner_loss` is per candidate."""
         run = self.epochs[epoch]
-        run.selecting -= 1
-        ids = candidates.ids
-        ref_loss = self.pool.reference_loss(ids) if self.policy.needs_reference else None
-        if self.policy.needs_learner and learner_loss is None:
-            learner_loss = fill_missing(self.pool.learner_loss(ids), self.pool.unseen_learner_loss())
+        if candidates is not run.drawn:
+            raise RuntimeError("select() takes the super-batch that draw() gave")
+        run.drawn = None
         progress = epoch / self.spec.total_epochs if self.spec.total_epochs else None
-        k = keep_count(len(ids), self.super_batch, self.spec.batch_size)
-        embeddings = self.pool.embedding(ids) if self.memory is not None else None
-        picks, weights = self.policy.select(
-            k, ref_loss=ref_loss, learner_loss=learner_loss, n=len(ids), rng=run.rng, progress=progress,
-            embeddings=embeddings, memory=self.memory,
-        )  # fmt: skip
-        # Rows leave in candidate order, each copied once, straight from the shard tables.
-        order = np.argsort(picks, kind="stable")
-        picks, weights = picks[order], np.asarray(weights)[order]
-        table = candidates.take(picks)
-        kept = ids[picks]
-        if self.memory is not None:
-            self.memory.add(embeddings[picks])
-        if self.clusters is not None:
-            served = np.bincount(self.pool.cluster_of(kept), minlength=self.clusters.num_clusters)
-            self.served_per_cluster = _add_padded(self.served_per_cluster, served)
-        self.selection_seconds += time.perf_counter() - started
-        self.selections += 1
+        chosen = self.selector.select(candidates.ids, learner_loss, run.rng, progress)
+        table = candidates.take(chosen.picks)
         if self.journal is not None:
-            self.journal(epoch, ids, kept, weights)
-        run.payloads[len(run.ids)] = codec.encode(table.append_column(codec.WEIGHT, pa.array(weights)))
-        run.ids.append(kept)
-        run.weights.append(weights)
-        self.samples_considered += len(ids)
+            self.journal(epoch, candidates.ids, chosen.kept, chosen.weights)
+        payload = codec.encode(table.append_column(codec.WEIGHT, pa.array(chosen.weights)))
+        run.ledger.append(chosen.kept, chosen.weights, payload, snapshot_step)
+        self.samples_considered += len(candidates.ids)
 
     # -- serving side ---------------------------------------------------------------------------
 
@@ -294,48 +219,36 @@ class Curator:
         run = self.epochs.get(epoch)
         if run is None:
             return Failed(f"epoch {epoch} of job {self.spec.job!r} is no longer kept")
-        if run.error:
-            return Failed(run.error)
-        g = seq * self.spec.world_size + rank
-        run.wanted = max(run.wanted, g)
-        if g < len(run.ids):
-            payload = run.payloads.get(g)
-            if payload is None:
-                return Materialize(seq, run.ids[g], run.weights[g])
-            return Ready(seq, len(run.ids[g]), payload)
-        if run.assembler.exhausted and run.selecting == 0:
-            run.ended_ranks.add(rank)
-            return EndOfEpoch(len(run.ids) // self.spec.world_size)
-        return Pending()
+        run.ledger.ask(rank, seq)
+        if not run.ledger.error:
+            self.choose(epoch)
+        return run.ledger.lookup(rank, seq)
 
-    def served(self, rows: int) -> None:
+    def served(self, rows: int, epoch: int | None = None, g: int | None = None) -> None:
+        """Counts a batch handed to a trainer; with its place, also how stale its losses were."""
         self.batches_served += 1
         self.samples_served += rows
+        run = self.epochs.get(epoch) if epoch is not None else None
+        if run is None or g is None or g >= len(run.ledger):
+            return
+        step = run.ledger.snapshot_step(g)
+        if step != NO_SNAPSHOT and self.newest_snapshot != NO_SNAPSHOT:
+            stale = max(0, self.newest_snapshot - step)
+            self.staleness_sum += stale
+            self.staleness_max = max(self.staleness_max, stale)
+            self.staleness_batches += 1
+
+    def snapshot_pushed(self, step: int) -> None:
+        self.newest_snapshot = max(self.newest_snapshot, step)
 
     def ack(self, rank: int, epoch: int, seq: int) -> None:
         run = self.epochs.get(epoch)
-        if run is None:
-            return
-        w = self.spec.world_size
-        first = run.acked.get(rank, -1) + 1
-        for s in range(first, seq + 1):
-            run.payloads.pop(s * w + rank, None)
-        run.acked[rank] = max(seq, first - 1)
+        if run is not None:
+            run.ledger.ack(rank, seq)
 
     def feedback(self, ids: np.ndarray, losses: np.ndarray) -> str:
         """Stores reported losses; returns why they were rejected, or ''. Rejection changes nothing."""
-        try:
-            self.pool.record_losses(ids, losses)
-        except (ValueError, UnknownSamples) as exc:
-            return str(exc)
-        if self.bandit is not None:
-            ids = np.asarray(ids, dtype=np.int64)
-            clusters = self.pool.cluster_of(ids)
-            known = clusters >= 0
-            if known.any():
-                self.bandit.update(*reward_from_feedback(clusters[known], np.asarray(losses)[known],
-                                                         self.pool.reference_loss(ids[known])))  # fmt: skip
-        return ""
+        return self.selector.feedback(ids, losses)
 
     def rebuild(self, tables: list[pa.Table], weights: np.ndarray) -> bytes:
         return codec.encode(pa.concat_tables(tables).append_column(codec.WEIGHT, pa.array(weights)))
@@ -345,6 +258,7 @@ class Curator:
             del self.epochs[epoch]
 
     def stats(self) -> dict:
+        stale = self.staleness_batches
         return {
             "job": self.spec.job,
             "policy": self.spec.policy,
@@ -355,68 +269,30 @@ class Curator:
             "samples_served": self.samples_served,
             "feedback_samples": self.pool.feedback_samples,
             "samples_considered": self.samples_considered,
-            "selection_seconds": self.selection_seconds,
-            "selections": self.selections,
-            "unacked_batches": sum(len(run.payloads) for run in self.epochs.values()),
+            "selection_seconds": self.selector.seconds,
+            "selections": self.selector.selections,
+            "unacked_batches": sum(run.ledger.unacked for run in self.epochs.values()),
             "options": {k: str(v) for k, v in dataclasses.asdict(self.spec.options).items()},
-            "clusters": self.cluster_stats(),
+            "clusters": self.selector.cluster_stats(),
+            "snapshot_staleness_mean": self.staleness_sum / stale if stale else 0.0,
+            "snapshot_staleness_max": self.staleness_max,
+            "snapshot_staleness_batches": stale,
         }
 
+    # -- state -----------------------------------------------------------------------------------
+
+    _COUNTERS = ("batches_served", "samples_served", "samples_considered")
+
     def get_state(self) -> dict[str, np.ndarray]:
-        """What selection has learned, as flat numpy arrays: learner losses, cluster ids and
-        centroids, bandit, memory, counters. Epoch ledgers are not here: journals keep those."""
-        parts = {"pool": self.pool.get_state()}
-        for name in ("clusters", "bandit", "memory"):
-            if getattr(self, name) is not None:
-                parts[name] = getattr(self, name).get_state()
-        state = {f"{part}.{key}": value for part, values in parts.items() for key, value in values.items()}
-        state["served_per_cluster"] = self.served_per_cluster.copy()
-        for name in ("batches_served", "samples_served", "samples_considered", "selections"):
+        """What selection has learned, as flat numpy arrays: the Selector's state and counters.
+        Epoch ledgers are not here: journals keep those."""
+        state = self.selector.get_state()
+        for name in self._COUNTERS:
             state[name] = np.array(getattr(self, name), np.int64)
-        state["selection_seconds"] = np.array(self.selection_seconds, np.float64)
         return state
 
     def restore_state(self, state: dict[str, np.ndarray]) -> None:
         """The inverse of get_state, into a curator built from the same JobSpec."""
-        parts: dict[str, dict[str, np.ndarray]] = {}
-        for key, value in state.items():
-            part, _, name = key.partition(".")
-            if name:
-                parts.setdefault(part, {})[name] = value
-        self.pool = PoolIndex.from_state(parts["pool"])
-        if self.clusters is not None and "clusters" in parts:
-            self.clusters = type(self.clusters).from_state(parts["clusters"])
-        if self.bandit is not None and "bandit" in parts:
-            self.bandit = type(self.bandit).from_state(parts["bandit"])
-        if self.memory is not None and "memory" in parts:
-            self.memory = EmbeddingMemory.from_state(parts["memory"])
-        self.served_per_cluster = np.asarray(state["served_per_cluster"], np.int64)
-        for name in ("batches_served", "samples_served", "samples_considered", "selections"):
+        self.selector.reset(state)
+        for name in self._COUNTERS:
             setattr(self, name, int(state[name]))
-        self.selection_seconds = float(state["selection_seconds"])
-
-    def cluster_stats(self) -> list[dict]:
-        """Per cluster: pool members, bandit weight, its reward estimate, batches' samples served."""
-        if self.clusters is None:
-            return []
-        sizes, ref_loss = self.pool.cluster_sizes()
-        k = max(len(sizes), self.bandit.num_arms, len(self.served_per_cluster))
-        weights, rewards = _pad(self.bandit.weights, k), _pad(self.bandit.reward_estimates, k)
-        sizes, ref_loss, served = _pad(sizes, k), _pad(ref_loss, k), _pad(self.served_per_cluster, k)
-        return [
-            {"id": c, "size": int(sizes[c]), "weight": float(weights[c]), "reward": float(rewards[c]),
-             "served": int(served[c]), "reference_loss": float(ref_loss[c])}
-            for c in range(k)
-        ]  # fmt: skip
-
-
-def _pad(values: np.ndarray, n: int) -> np.ndarray:
-    out = np.zeros(n, dtype=np.asarray(values).dtype if len(values) else np.float64)
-    out[: len(values)] = values
-    return out
-
-
-def _add_padded(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    n = max(len(a), len(b))
-    return _pad(a, n) + _pad(b, n)
-

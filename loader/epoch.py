@@ -11,8 +11,10 @@ they are until a policy has chosen which to keep, so only kept rows are ever cop
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -222,6 +224,15 @@ class ShuffleBuffer:
         return self._store.take(positions)
 
 
+class Arms(Protocol):
+    """What a clustered draw asks of its owner (a Selector): each row's cluster, and how many
+    rows each cluster gives to a draw."""
+
+    def cluster_of(self, ids: np.ndarray) -> np.ndarray: ...
+
+    def quotas(self, k: int, counts: np.ndarray) -> np.ndarray: ...
+
+
 class ClusteredShuffleBuffer:
     """Rows waiting per cluster; a draw takes each cluster's quota (a bandit's choice) at random.
 
@@ -232,13 +243,8 @@ class ClusteredShuffleBuffer:
     _MAX_TABLES = 8
     _SLACK_BYTES = 256 << 20
 
-    def __init__(
-        self,
-        rng: np.random.Generator,
-        cluster_of: Callable[[np.ndarray], np.ndarray],
-        quotas: Callable[[int, np.ndarray], np.ndarray],
-    ) -> None:
-        self._rng, self._cluster_of, self._quotas = rng, cluster_of, quotas
+    def __init__(self, rng: np.random.Generator, arms: Arms) -> None:
+        self._rng, self._arms = rng, arms
         self._rows = ClusterBuffer()
         self._store = _Rows(self._MAX_TABLES, self._SLACK_BYTES)
 
@@ -252,7 +258,7 @@ class ClusteredShuffleBuffer:
     def add(self, table: pa.Table) -> None:
         if not table.num_rows:
             return
-        clusters = self._cluster_of(table.column(ID).to_numpy())
+        clusters = self._arms.cluster_of(table.column(ID).to_numpy())
         self._rows.add(clusters, self._store.add(table))
         self._store.merge_if_due(self._rows.waiting)
 
@@ -261,7 +267,7 @@ class ClusteredShuffleBuffer:
             raise ValueError(f"cannot draw {k} rows from a buffer of {len(self)}")
         if self._store.schema is None:
             return Candidates(pa.schema([]), np.zeros(0, np.int64), [])
-        positions = self._rows.draw(self._quotas(k, self._rows.counts()), self._rng)
+        positions = self._rows.draw(self._arms.quotas(k, self._rows.counts()), self._rng)
         if len(positions) != k:
             raise RuntimeError(f"quotas gave {len(positions)} rows for a draw of {k}")
         return self._store.take(positions)
@@ -281,6 +287,13 @@ def tail_sizes(remaining: int, emitted: int, batch_size: int, world_size: int) -
 
 
 class EpochAssembler:
+    """Cuts one epoch's rows into super-batches, one at a time, as they are asked for.
+
+    Shard tables wait in the order they were added and enter the shuffle buffer only when the
+    next draw needs more rows. So every draw sees the same buffer whatever was read ahead: the
+    sequence of draws is a function of the tables' order and the seed, not of timing.
+    """
+
     def __init__(
         self,
         batch_size: int,
@@ -294,9 +307,11 @@ class EpochAssembler:
         self.batch_size, self.world_size = batch_size, world_size
         self._hold = max(shuffle_rows, batch_size * world_size)
         self._buffer = buffer(np.random.default_rng(seed))
+        self._waiting: collections.deque[pa.Table] = collections.deque()
+        self._waiting_rows = 0
         self._finished = False
+        self._tail: collections.deque[int] | None = None
         self.emitted = 0
-        self.rows_in = 0
 
     @property
     def finished(self) -> bool:
@@ -304,28 +319,48 @@ class EpochAssembler:
 
     @property
     def exhausted(self) -> bool:
-        return self._finished and len(self._buffer) == 0
+        return self._finished and not self._waiting and len(self._buffer) == 0
 
     def buffered_rows(self) -> int:
         return len(self._buffer)
 
+    def waiting_rows(self) -> int:
+        """Rows added but not yet in the shuffle buffer: how far reading is ahead."""
+        return self._waiting_rows
+
     def add(self, table: pa.Table) -> None:
         if self._finished:
             raise RuntimeError("rows added after the epoch's last shard")
-        self._buffer.add(table)
-        self.rows_in += table.num_rows
+        if table.num_rows:
+            self._waiting.append(table)
+            self._waiting_rows += table.num_rows
 
     def finish(self) -> None:
         self._finished = True
 
+    def next(self) -> Candidates | None:
+        """The next super-batch, or None: it needs rows not added yet, or the epoch is done."""
+        while self._tail is None:
+            if len(self._buffer) >= self.batch_size + self._hold:
+                return self._draw(self.batch_size)
+            if self._waiting:
+                table = self._waiting.popleft()
+                self._waiting_rows -= table.num_rows
+                self._buffer.add(table)
+            elif not self._finished:
+                return None
+            else:
+                # The epoch's size is known: cut the rest so every rank gets as many batches.
+                self._tail = collections.deque(tail_sizes(len(self._buffer), self.emitted, self.batch_size, self.world_size))
+        return self._draw(self._tail.popleft()) if self._tail else None
+
+    def _draw(self, size: int) -> Candidates:
+        self.emitted += 1
+        return self._buffer.draw(size)
+
     def pop_ready(self) -> list[Candidates]:
+        """Every super-batch the rows added so far make."""
         out = []
-        if not self._finished:
-            while len(self._buffer) >= self.batch_size + self._hold:
-                out.append(self._buffer.draw(self.batch_size))
-        else:
-            sizes = tail_sizes(len(self._buffer), self.emitted, self.batch_size, self.world_size)
-            for size in sizes:
-                out.append(self._buffer.draw(size))
-        self.emitted += len(out)
+        while (candidates := self.next()) is not None:
+            out.append(candidates)
         return out

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from loader import tensors
+from loader.ids import row_of, shard_of
 
 # (table, row indices into it): the rows of one source, in the order they are wanted.
 Group = tuple[pa.Table, np.ndarray]
@@ -22,6 +23,18 @@ def gather_rows(schema: pa.Schema, groups: list[Group]) -> pa.Table:
     columns = [_gather_column(field.type, [(table.column(i), rows) for table, rows in groups], total)
                for i, field in enumerate(schema)]  # fmt: skip
     return pa.Table.from_arrays(columns, schema=schema)
+
+
+def groups_by_id(ids: np.ndarray, tables: dict[int, pa.Table]) -> list[Group]:
+    """Groups that gather the rows of `ids` (any mix of shards, by shard index in `tables`) in the
+    order of `ids`: one group per run of ids from the same shard."""
+    ids = np.asarray(ids, np.int64)
+    if not len(ids):
+        return []
+    owners = shard_of(ids)
+    starts = np.flatnonzero(np.diff(owners, prepend=owners[0] - 1))
+    ends = np.append(starts[1:], len(ids))
+    return [(tables[int(owners[a])], row_of(ids[a:b])) for a, b in zip(starts.tolist(), ends.tolist())]
 
 
 def _gather_column(type_: pa.DataType, parts: list[tuple[pa.ChunkedArray, np.ndarray]], total: int) -> pa.Array:

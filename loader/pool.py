@@ -10,7 +10,7 @@ import numpy as np
 from loader.ids import row_of, shard_of
 
 
-UNSEEN_LOSS_SMOOTHING = 0.1  # weight of each report's first-time losses in the moving average
+UNSEEN_LOSS_SMOOTHING = 0.1  # weight of each report's first-time losses in the moving averages
 
 
 class UnknownSamples(ValueError):
@@ -21,7 +21,6 @@ class PoolIndex:
     def __init__(self) -> None:
         # shard index -> learner loss per row (NaN: never reported)
         self._learner_loss: dict[int, np.ndarray] = {}
-        self._reported: dict[int, np.ndarray] = {}
         # shard index -> reference loss per row and embedding rows (float16 halves their memory;
         # cosine similarities and rankings do not need more precision)
         self._ref_loss: dict[int, np.ndarray] = {}
@@ -34,11 +33,15 @@ class PoolIndex:
         # mean over all reports falls towards 0 as the learner fits what it was served, which made
         # unseen samples look learned and stopped them being selected.)
         self._unseen_loss = float("nan")
+        # The same moving average per cluster id, as a sum and a count of first-time losses, both
+        # decayed by (1 - UNSEEN_LOSS_SMOOTHING) at each report that reaches the cluster: their
+        # ratio weighs every sample alike within a report and recent reports more.
+        self._cluster_loss_sum = np.zeros(0)
+        self._cluster_loss_count = np.zeros(0)
 
     def ensure_shard(self, shard_index: int, rows: int) -> None:
         if shard_index not in self._learner_loss or len(self._learner_loss[shard_index]) != rows:
             self._learner_loss[shard_index] = np.full(rows, np.nan, dtype=np.float32)
-            self._reported[shard_index] = np.zeros(rows, dtype=np.uint32)
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._learner_loss.values())
@@ -108,6 +111,18 @@ class PoolIndex:
     def unseen_learner_loss(self) -> float:
         return self._unseen_loss
 
+    def fallback_learner_loss(self, ids: np.ndarray) -> np.ndarray:
+        """float32 per id: the loss to assume for a sample never reported. Its cluster's moving
+        average of first-time losses, or, for a sample without a cluster or of a cluster none of
+        whose samples has been reported, `unseen_learner_loss()` (NaN before any report)."""
+        clusters = self.cluster_of(ids)
+        out = np.full(len(clusters), self._unseen_loss, dtype=np.float32)
+        count = self._cluster_loss_count
+        known = (clusters >= 0) & (clusters < len(count))
+        known[known] = count[clusters[known]] > 0
+        out[known] = self._cluster_loss_sum[clusters[known]] / count[clusters[known]]
+        return out
+
     def record_losses(self, ids: np.ndarray, losses: np.ndarray) -> None:
         """Stores each sample's latest learner loss; validates everything before changing anything."""
         ids = np.asarray(ids, dtype=np.int64)
@@ -121,6 +136,7 @@ class PoolIndex:
         if len(np.unique(ids)) != len(ids):  # coalesced reports may name a sample twice: newest wins
             last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
             ids, losses = ids[last], losses[last]
+        first_clusters, first_losses = [], []
         for shard, at, where in _by_shard(ids):
             block, mine = self._learner_loss[shard], losses[at]
             first = np.isnan(block[where])
@@ -128,9 +144,26 @@ class PoolIndex:
                 fresh = float(mine[first].mean())
                 a = UNSEEN_LOSS_SMOOTHING
                 self._unseen_loss = fresh if np.isnan(self._unseen_loss) else (1 - a) * self._unseen_loss + a * fresh
+                if shard in self._cluster:
+                    first_clusters.append(self._cluster[shard][where[first]])
+                    first_losses.append(mine[first])
             block[where] = mine
-            self._reported[shard][where] += 1
+        if first_clusters:
+            self._add_cluster_losses(np.concatenate(first_clusters), np.concatenate(first_losses))
         self.feedback_samples += reported
+
+    def _add_cluster_losses(self, clusters: np.ndarray, losses: np.ndarray) -> None:
+        ok = clusters >= 0
+        clusters, losses = clusters[ok], losses[ok]
+        if not len(clusters):
+            return
+        k = max(len(self._cluster_loss_sum), int(clusters.max()) + 1)
+        sums = np.bincount(clusters, weights=losses, minlength=k)
+        counts = np.bincount(clusters, minlength=k).astype(np.float64)
+        decay = np.where(counts > 0, 1 - UNSEEN_LOSS_SMOOTHING, 1.0)
+        # A cluster's first report decays nothing but zeros, so it sets the average outright.
+        self._cluster_loss_sum = _padded(self._cluster_loss_sum, k) * decay + UNSEEN_LOSS_SMOOTHING * sums
+        self._cluster_loss_count = _padded(self._cluster_loss_count, k) * decay + UNSEEN_LOSS_SMOOTHING * counts
 
     def learner_loss(self, ids: np.ndarray) -> np.ndarray:
         return self._gather(self._learner_loss, ids)
@@ -152,16 +185,19 @@ class PoolIndex:
             "shards": np.array(shards, np.int64),
             "rows": np.array([len(self._learner_loss[s]) for s in shards], np.int64),
             "learner_loss": np.concatenate([self._learner_loss[s] for s in shards] or [np.zeros(0, np.float32)]),
-            "reported": np.concatenate([self._reported[s] for s in shards] or [np.zeros(0, np.uint32)]),
             "clustered": np.array([s in self._cluster for s in shards], bool),
             "cluster": np.concatenate([self._cluster.get(s, np.full(len(self._learner_loss[s]), -1, np.int32))
                                        for s in shards] or [blank]),  # fmt: skip
             "unseen_loss": np.array(self._unseen_loss, np.float64),
+            "cluster_loss_sum": self._cluster_loss_sum.copy(),
+            "cluster_loss_count": self._cluster_loss_count.copy(),
             "feedback_samples": np.array(self.feedback_samples, np.int64),
         }
 
     @classmethod
     def from_state(cls, state: dict[str, np.ndarray]) -> "PoolIndex":
+        """The inverse of get_state. A state written by an older version may hold "reported"
+        (per-sample report counts, never read) and lack the per-cluster averages: both are fine."""
         pool = cls()
         bounds = np.concatenate([[0], np.cumsum(state["rows"])])
         if bounds[-1] != len(state["learner_loss"]) or len(state["cluster"]) != bounds[-1]:
@@ -169,12 +205,21 @@ class PoolIndex:
         for i, shard in enumerate(state["shards"].tolist()):
             part = slice(bounds[i], bounds[i + 1])
             pool._learner_loss[shard] = state["learner_loss"][part].astype(np.float32)
-            pool._reported[shard] = state["reported"][part].astype(np.uint32)
             if state["clustered"][i]:
                 pool._cluster[shard] = state["cluster"][part].astype(np.int32)
         pool._unseen_loss = float(state["unseen_loss"])
+        pool._cluster_loss_sum = np.asarray(state.get("cluster_loss_sum", np.zeros(0)), np.float64)
+        pool._cluster_loss_count = np.asarray(state.get("cluster_loss_count", np.zeros(0)), np.float64)
+        if pool._cluster_loss_sum.shape != pool._cluster_loss_count.shape:
+            raise ValueError("inconsistent pool state: per-cluster loss sums and counts differ in length")
         pool.feedback_samples = int(state["feedback_samples"])
         return pool
+
+
+def _padded(values: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n)
+    out[: len(values)] = values
+    return out
 
 
 def _by_shard(ids: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import numpy as np
 import pyarrow as pa
 
 from loader.codec import ID
 from loader.errors import ShardError
-from loader.ids import make_ids, row_of
+from loader.ids import make_ids
 from loader.sources import read_shard
 
 log = logging.getLogger("loader.reader")
@@ -44,24 +43,3 @@ def read_with_ids(uri: str, index: int) -> ReadResult:
     # these tables every epoch, and a gather from one chunk is one copy per row.
     table = table.combine_chunks() if any(c.num_chunks > 1 for c in table.columns) else table
     return ReadResult(index, uri, table=table.append_column(ID, pa.array(ids)))
-
-
-def take_rows(result: ReadResult, ids: np.ndarray) -> pa.Table:
-    """Rows of one shard by sample id, in the order given (re-serving a batch after a resume)."""
-    if result.table is None:
-        raise ShardError(result.uri, result.error)
-    return result.table.take(pa.array(row_of(ids)))
-
-
-def gather(ids: np.ndarray, shards: dict[int, ReadResult]) -> pa.Table:
-    """Rows for `ids` (any mix of shards) in the order of `ids`."""
-    from loader.ids import shard_of
-
-    owners = shard_of(ids)
-    parts, order = [], []
-    for shard in np.unique(owners):
-        positions = np.flatnonzero(owners == shard)
-        parts.append(take_rows(shards[int(shard)], ids[positions]))
-        order.append(positions)
-    table = pa.concat_tables(parts)
-    return table.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))

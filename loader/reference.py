@@ -7,9 +7,6 @@ learnable, not noisy or already learnt.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 import time
 
 import torch
@@ -17,6 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from loader.errors import ConfigError
+from loader.files import atomic_file
 from loader.scoring import ModelSpec, build_model, inputs_from_table, reference_scores, split_head
 from loader.sources import expand, read_shard
 
@@ -54,24 +52,6 @@ def _check(epochs: int, lr: float, batch_size: int) -> None:
         raise ConfigError("lr", f"must be a positive finite number, got {lr}")
     if batch_size < 1:
         raise ConfigError("batch_size", f"must be at least 1, got {batch_size}")
-
-
-def _save_atomically(state: dict[str, torch.Tensor], out: str) -> None:
-    # A reader (a service starting up, a second run) must see the old file or the new one,
-    # never a half-written state_dict.
-    directory = os.path.dirname(os.path.abspath(out))
-    os.makedirs(directory, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(out)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temp)
-        raise
 
 
 def train_reference(
@@ -125,7 +105,10 @@ def train_reference(
     losses, _ = reference_scores(model, inputs, labels, device=device)
     with torch.inference_mode():
         predictions = torch.cat([model(x.to(device)).argmax(1).cpu() for x in inputs.split(4096)])
-    _save_atomically({name: t.detach().cpu().clone() for name, t in model.state_dict().items()}, out)
+    # A reader (a service starting up, a second run) sees the old file or the new one, never a
+    # half-written state_dict.
+    with atomic_file(out) as temp:
+        torch.save({name: t.detach().cpu().clone() for name, t in model.state_dict().items()}, temp)
     return {
         "samples": n,
         "final_loss": float(losses.mean()),

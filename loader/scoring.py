@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import io
 import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -26,6 +24,7 @@ from torch import nn
 
 from loader import tensors
 from loader.errors import ConfigError
+from loader.imports import resolve_import_path, split_import_path
 
 _SPEC_KEYS = ("factory", "kwargs", "weights")
 _SCALARS = (type(None), bool, int, float, str)
@@ -40,13 +39,6 @@ def _freeze(key: str, value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_freeze(f"{key}[{i}]", item) for i, item in enumerate(value))
     raise ConfigError(key, f"expected a number, string, boolean, null or list of those, got {type(value).__name__}")
-
-
-def _split_factory(path: str, key: str) -> tuple[str, str]:
-    module, sep, attribute = path.partition(":") if isinstance(path, str) else ("", "", "")
-    if not sep or not module.strip() or not attribute.strip() or ":" in attribute:
-        raise ConfigError(key, f"expected 'module:function', got {path!r}")
-    return module.strip(), attribute.strip()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +71,10 @@ class ModelSpec:
         factory = values["factory"]
         if not isinstance(factory, str):
             raise ConfigError(f"{key}.factory", f"expected a string 'module:function', got {type(factory).__name__}")
-        _split_factory(factory, f"{key}.factory")
+        try:
+            split_import_path(factory)
+        except ValueError as exc:
+            raise ConfigError(f"{key}.factory", str(exc)) from None
 
         raw_kwargs = values.get("kwargs")
         if raw_kwargs is None:
@@ -113,42 +108,9 @@ class ModelSpec:
         return f"{self.factory}|{self.kwargs!r}|{weights}"
 
 
-def _cwd_importable() -> None:
-    # `loader serve` is a console script (sys.path[0] is the venv's bin, not the cwd), and a Ray
-    # worker's sys.path is Ray's own, so a reference model defined in the project folder the
-    # user started the service from would not import. Appending (not prepending) keeps that
-    # folder from shadowing installed packages and the standard library.
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.append(cwd)
-
-
 def resolve_factory(path: str, key: str = "reference.factory") -> Callable[..., nn.Module]:
     """The callable named by 'module:function' (the attribute may be dotted: 'module:Class.build')."""
-    module_name, attribute = _split_factory(path, key)
-    _cwd_importable()
-    # A module written after this process looked at its directory would otherwise stay invisible.
-    importlib.invalidate_caches()
-    try:
-        target: Any = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        missing = exc.name or ""
-        if module_name == missing or module_name.startswith(missing + "."):
-            raise ConfigError(
-                key, f"cannot import module {module_name!r} (searched the working directory and PYTHONPATH): {exc}"
-            ) from exc
-        # The module exists but one of its own imports does not: say so, not "not found".
-        raise ConfigError(key, f"importing module {module_name!r} failed: {exc}") from exc
-    except Exception as exc:
-        raise ConfigError(key, f"importing module {module_name!r} failed: {type(exc).__name__}: {exc}") from exc
-    owner = f"module {module_name!r}"
-    walked: list[str] = []
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise ConfigError(key, f"{owner} has no attribute {part!r}")
-        target = getattr(target, part)
-        walked.append(part)
-        owner = f"{type(target).__name__} '{module_name}:{'.'.join(walked)}'"
+    target = resolve_import_path(path, key)
     if not callable(target):
         raise ConfigError(key, f"{path!r} is a {type(target).__name__}, not a callable that builds a model")
     return target

@@ -10,6 +10,11 @@ from loader import RemoteLoader
 from loader.sources import read_shard
 
 
+# What tests give RemoteLoader as `timeout_s`: its default (300 s) equals pytest's own limit, so a
+# hang would end without the loader's error.
+LOADER_TIMEOUT_S = 60
+
+
 def rows_in(paths) -> int:
     return sum(read_shard(p).num_rows for p in paths)
 
@@ -21,6 +26,8 @@ def epoch_ids(loader: RemoteLoader) -> list[np.ndarray]:
 
 def run_ranks(address: str, job: str, world_size: int, batch_size: int, **kwargs) -> list[list[np.ndarray]]:
     """One epoch on every rank at once (threads, as DDP ranks run side by side)."""
+    # A stalled stream fails with the loader's own error well before the join below gives up.
+    kwargs.setdefault("timeout_s", LOADER_TIMEOUT_S)
     results: list = [None] * world_size
     errors: list = []
 

@@ -80,8 +80,14 @@ def test_an_actor_killed_mid_epoch_loses_and_repeats_nothing(service, pool, poli
         assert len(served) == rows, f"{rows - len(served)} samples lost"
     else:
         assert len(served) == pytest.approx(rows * 0.5, abs=BATCH)
-    # The service is whole again: the next epoch runs to its end.
+    # The service is whole again: the next epoch runs to its end, a full one. Uniform serves the
+    # whole pool; learnability keeps BATCH of every 2 * BATCH candidates, and the pool is a whole
+    # number of such super-batches (1024 rows, 16 of 64), so exactly half of it.
     again = RemoteLoader(service.address, job=job, batch_size=BATCH, policy=policy, options=options, timeout_s=60)
     again.load_state_dict({**loader.state_dict()})
-    assert sum(len(b["_id"]) for b in again) > 0
+    assert again.state_dict()["epoch"] == 1
+    second = np.concatenate([b["_id"].numpy().copy() for b in again])
     again.close()
+    assert len(np.unique(second)) == len(second), "a sample was delivered twice in the next epoch"
+    assert rows % (2 * BATCH) == 0
+    assert len(second) == (rows if policy == "uniform" else rows // 2)

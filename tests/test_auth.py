@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 import grpc
@@ -166,9 +167,13 @@ BAD_CREDENTIALS = {
 # -- bearer token ----------------------------------------------------------------------------------
 
 
-def test_no_token_configured_means_no_auth(open_service):
+def pool_uris(stats: pb.Stats) -> list[str]:
+    return sorted(s.uri for s in stats.shards)
+
+
+def test_no_token_configured_means_no_auth(open_service, shards):
     stats = fetch_stats(open_service.address, timeout_s=CALL_TIMEOUT_S)
-    assert len(stats.shards) >= 2
+    assert pool_uris(stats) == sorted(os.path.abspath(p) for p in shards)
 
 
 @pytest.mark.parametrize("rpc", sorted(RPCS))
@@ -182,7 +187,7 @@ def test_every_rpc_without_the_right_token_is_unauthenticated(token_address, rpc
 
 
 @pytest.mark.parametrize("rpc", sorted(RPCS))
-def test_every_rpc_with_the_token_gets_past_auth(token_address, rpc):
+def test_every_rpc_with_the_token_gets_past_auth(token_address, rpc, shards):
     with grpc.insecure_channel(token_address) as channel:
         if rpc in ("AddShards", "PushWeights", "Train"):
             # These probes send requests the service rejects on their merits: proof they got in.
@@ -192,12 +197,12 @@ def test_every_rpc_with_the_token_gets_past_auth(token_address, rpc):
             names = {s.name for s in call_reflection(channel, bearer(TOKEN)).list_services_response.service}
             assert "loader.v1.Loader" in names
         else:
-            assert len(call_get_stats(channel, bearer(TOKEN)).shards) >= 2
+            assert pool_uris(call_get_stats(channel, bearer(TOKEN))) == sorted(os.path.abspath(p) for p in shards)
 
 
 def test_bearer_scheme_is_case_insensitive(token_address):
     with grpc.insecure_channel(token_address) as channel:
-        assert len(call_get_stats(channel, (("authorization", f"bearer {TOKEN}"),)).shards) >= 2
+        assert len(call_get_stats(channel, (("authorization", f"bearer {TOKEN}"),)).shards) == 2
 
 
 def test_rejected_add_shards_changes_nothing(token_address, mnist_tar):
@@ -224,8 +229,8 @@ def test_remote_loader_with_the_token_trains_a_full_epoch(token_address, shards)
 def test_remote_loader_takes_the_token_from_the_environment(token_address, monkeypatch):
     monkeypatch.setenv("LOADER_TOKEN", TOKEN)
     with RemoteLoader(token_address, job="auth-env", batch_size=50, timeout_s=120) as loader:
-        assert len(loader.stats().shards) >= 2  # the loader's own calls carry it, streams included
-    assert len(fetch_stats(token_address, timeout_s=CALL_TIMEOUT_S).shards) >= 2
+        assert len(loader.stats().shards) == 2  # the loader's own calls carry it, streams included
+    assert len(fetch_stats(token_address, timeout_s=CALL_TIMEOUT_S).shards) == 2
 
 
 @pytest.mark.parametrize("token", [None, "wrong"])
@@ -292,7 +297,7 @@ def test_tls_client_trusting_the_ca_trains_a_full_epoch(tls_address, pki, shards
         ids = epoch_ids(loader)
     assert sum(len(i) for i in ids) == rows_in(shards)
     stats = fetch_stats(tls_address, token=TOKEN, tls={"ca": pki["ca"].cert}, timeout_s=CALL_TIMEOUT_S)
-    assert len(stats.shards) >= 2
+    assert pool_uris(stats) == sorted(os.path.abspath(p) for p in shards)
 
 
 def test_tls_server_still_requires_the_token(tls_address, pki):
@@ -316,7 +321,7 @@ def test_client_that_trusts_another_ca_refuses_the_server(tls_address, pki):
 def test_server_name_decides_which_name_the_certificate_must_carry(tls_address, pki):
     ca = pki["ca"].cert
     stats = fetch_stats(tls_address, token=TOKEN, tls=TLS(ca=ca, server_name="localhost"), timeout_s=CALL_TIMEOUT_S)
-    assert len(stats.shards) >= 2
+    assert len(stats.shards) == 2
     with pytest.raises(ServiceCallError) as info:
         fetch_stats(tls_address, token=TOKEN, tls=TLS(ca=ca, server_name="elsewhere.example"), timeout_s=CALL_TIMEOUT_S)
     assert info.value.code == "UNAVAILABLE"

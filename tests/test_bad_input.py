@@ -52,7 +52,7 @@ def stub(service):
 def test_bad_and_missing_shards_are_quarantined_and_the_rest_is_served(service, mixed_pool):
     svc, good_rows = service
     _, _, garbage, missing = mixed_pool
-    with RemoteLoader(svc.address, job="quarantine", batch_size=16) as loader:
+    with RemoteLoader(svc.address, job="quarantine", batch_size=16, timeout_s=60) as loader:
         ids = np.concatenate(epoch_ids(loader))
         stats = loader.stats()
     assert len(ids) == good_rows and len(np.unique(ids)) == good_rows
@@ -172,7 +172,7 @@ def test_bad_hello_is_invalid_argument_and_creates_no_job(service, stub, name, f
 
 def test_joining_a_job_with_another_batch_size_fails_precondition(service):
     address = service[0].address
-    with RemoteLoader(address, job="fixed", batch_size=8) as loader:
+    with RemoteLoader(address, job="fixed", batch_size=8, timeout_s=60) as loader:
         next(iter(loader))
     _, err = open_stream(address, hello(job="fixed", batch_size=16), credit(1))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "batch_size=8" in err.details()
@@ -271,7 +271,7 @@ def test_an_ack_up_to_an_unsent_far_sequence_number_is_rejected(service, stub):
 
 
 def test_reported_losses_reach_the_curator(service):
-    with RemoteLoader(service[0].address, job="feedback", batch_size=16) as loader:
+    with RemoteLoader(service[0].address, job="feedback", batch_size=16, timeout_s=60) as loader:
         reported = 0
         for batch in loader:
             loader.report(batch, np.linspace(0, 1, len(batch["_id"])))

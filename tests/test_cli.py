@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import queue
 import signal
 import subprocess
@@ -14,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from loader import RemoteLoader
-from tests.helpers import epoch_ids, rows_in
+from tests.helpers import LOADER_TIMEOUT_S, epoch_ids, rows_in
 
 START_TIMEOUT_S = 90
 
@@ -88,15 +90,22 @@ def test_served_process_answers_health_reflection_and_trains(served, mnist_tar):
         replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
         names = {s.name for r in replies for s in r.list_services_response.service}
         assert "loader.v1.Loader" in names and "grpc.health.v1.Health" in names
-    with RemoteLoader(address, job="cli", batch_size=32) as loader:
+    with RemoteLoader(address, job="cli", batch_size=32, timeout_s=LOADER_TIMEOUT_S) as loader:
         assert sum(len(b) for b in epoch_ids(loader)) == rows_in(mnist_tar["train"][:2])
 
 
-def test_stats_verb_prints_the_pool(served):
+def test_stats_verb_prints_the_pool(served, mnist_tar):
+    """After a full epoch every shard has been read: each is `ok`, with its rows counted."""
     address, _ = served
+    shards = mnist_tar["train"][:2]
+    with RemoteLoader(address, job="cli-stats", batch_size=64, timeout_s=LOADER_TIMEOUT_S) as loader:
+        assert sum(len(b) for b in epoch_ids(loader)) == rows_in(shards)
     done = run_cli("stats", "--address", address)
     assert done.returncode == 0, done.stderr
-    assert '"state": "ok"' in done.stdout or '"state": "pending"' in done.stdout
+    stats = json.loads(done.stdout)
+    pool = sorted((s["uri"], s["state"], int(s["rows"])) for s in stats["shards"])
+    assert pool == sorted((os.path.abspath(p), "ok", rows_in([p])) for p in shards), done.stdout
+    assert "cli-stats" in {j["job"] for j in stats["jobs"]}
 
 
 def test_train_reference_writes_weights_the_service_can_load(tmp_path, mnist_tar):

@@ -136,3 +136,33 @@ def test_bad_input_is_rejected() -> None:
         clusters.assign(np.ones((1, 5)))
     with pytest.raises(ValueError):
         clusters.assign(np.array([[np.nan, 0, 0, 0]]))
+
+
+def _shards(rng: np.random.Generator, centres: np.ndarray, shards: int, rows: int, spread: float):
+    for _ in range(shards):
+        truth = rng.integers(0, len(centres), size=rows)
+        yield truth, centres[truth] + spread * rng.normal(size=(rows, D))
+
+
+def test_more_groups_than_the_warm_start_open_a_cluster_each() -> None:
+    # 20 groups, 8 warm-start clusters: each warm centroid lies between groups. A threshold scaled
+    # by the distances to those centroids was beyond every sample, and the count stayed at 8.
+    rng = np.random.default_rng(7)
+    centres = _centres(rng, 20)
+    clusters = OnlineClusters(max_clusters=32, init_clusters=8)
+    for truth, x in _shards(rng, centres, 5, 1000, spread=0.3):
+        clusters.assign(x)
+    assert 20 <= clusters.num_clusters <= 32
+    truth, x = next(_shards(rng, centres, 1, 2000, spread=0.3))
+    ids = clusters.predict(x)
+    _purity(ids, truth)  # one cluster (at least) of its own per group
+    assert all(len(set(ids[truth == t].tolist())) == 1 for t in range(20))  # and not split
+
+
+def test_one_dense_blob_does_not_split_into_more_clusters() -> None:
+    rng = np.random.default_rng(8)
+    centre = _centres(rng, 1)
+    clusters = OnlineClusters(max_clusters=32, init_clusters=8)
+    for _, x in _shards(rng, centre, 10, 1000, spread=0.3):
+        clusters.assign(x)
+    assert clusters.num_clusters == 8

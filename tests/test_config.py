@@ -137,6 +137,34 @@ def test_unknown_key_is_named() -> None:
     assert "readers" in error.problem  # the known keys are listed, so the typo is easy to spot
 
 
+def test_an_unknown_key_is_reported_before_other_problems(tmp_path) -> None:
+    # A typo is usually the cause, and what else looks wrong may follow from it.
+    assert error_key({"readers": 0, "ready_batche": 4}).key == "ready_batche"
+    assert error_key({"tls": {"cert": str(tmp_path / "absent"), "key": "k", "ca": "c"}}).key == "tls.ca"
+
+
+def test_a_problem_is_one_line_that_names_the_bounds() -> None:
+    assert str(error_key({"readers": 0})) == "readers: must be >= 1, got 0"
+    assert str(error_key({"scorer_gpus": 1.5})) == "scorer_gpus: must be in [0, 1], got 1.5"
+    assert str(error_key({"hello_timeout_s": float("nan")})) == "hello_timeout_s: must be finite and > 0, got nan"
+    assert str(error_key({"shards": ["a", 3]})) == "shards: item 1: expected a string, got 3"
+
+
+@pytest.mark.parametrize(
+    "columns, key", [({"inpt": "a"}, "columns.inpt"), ({"input": ""}, "columns.input"), ({"label": 1}, "columns.label"),
+                     (["x"], "columns")],
+)  # fmt: skip
+def test_bad_columns_name_their_key(columns, key) -> None:
+    assert error_key({"columns": columns}).key == key
+
+
+def test_columns_and_selection_are_written_as_mappings() -> None:
+    config = load(None, {**SHARDS, "columns": {"input": "image"}, "selection": {"keep_ratio": 0.5}})
+    assert config.columns == (("input", "image"), ("label", "y")) and config.input_column == "image"
+    assert config.selection.keep_ratio == 0.5 and config.selection.selector == "topk"
+    assert error_key({"selection": {"keep_ratio": 2}}).key == "selection.keep_ratio"
+
+
 def test_unknown_policy_lists_the_known_ones() -> None:
     assert "uniform" in error_key({"default_policy": "nope"}).problem
 

@@ -63,14 +63,17 @@ def test_ready_batches_follow_global_order() -> None:
     # 20 rows: three full batches leave (20 -> 8 held back), g = 0, 1, 2.
     curator = curator_with([10, 10])
     run = curator.epochs[0]
-    assert len(run.ids) == 3
+    # Nothing is chosen before a rank asks; the first request chooses as far as rows allow.
+    assert len(run.ledger) == 0
+    curator.lookup(0, 0, 0)
+    assert len(run.ledger) == 3
     for rank, seq in [(0, 0), (1, 0), (0, 1)]:
         result = curator.lookup(rank, 0, seq)
         table = decoded(result)
         assert result.seq == seq and result.rows == 4
         assert table.column_names == ["x", codec.ID, codec.WEIGHT]
         ids = table.column(codec.ID).to_numpy()
-        np.testing.assert_array_equal(ids, run.ids[seq * SPEC.world_size + rank])
+        np.testing.assert_array_equal(ids, run.ledger.ids[seq * SPEC.world_size + rank])
         np.testing.assert_array_equal(table.column("x").to_numpy(), shard_of(ids) * 1000 + row_of(ids))
         weights = table.column(codec.WEIGHT).to_numpy()
         assert weights.dtype == np.float32
@@ -115,13 +118,14 @@ def test_ack_drops_payload_and_a_later_lookup_materializes_the_same_batch() -> N
 
 def test_ack_covers_every_earlier_sequence_of_that_rank() -> None:
     curator = curator_with([10, 10], finish=True)
+    assert isinstance(curator.lookup(1, 0, 2), Ready)  # chooses the epoch's batches
     curator.ack(1, 0, 1)
     assert isinstance(curator.lookup(1, 0, 0), Materialize)
     assert isinstance(curator.lookup(1, 0, 1), Materialize)
     assert isinstance(curator.lookup(1, 0, 2), Ready)
     # An older ack arriving late must not move the mark backwards.
     curator.ack(1, 0, 0)
-    assert curator.epochs[0].acked[1] == 1
+    assert curator.epochs[0].ledger.acked[1] == 1
 
 
 def test_rebuilt_payload_matches_the_original() -> None:
@@ -140,13 +144,13 @@ def test_rebuilt_payload_matches_the_original() -> None:
 def test_schema_mismatch_is_refused_and_adds_nothing() -> None:
     curator = curator_with([10])
     run = curator.epochs[0]
-    rows_before, buffered_before = run.assembler.rows_in, run.assembler.buffered_rows()
+    waiting_before, buffered_before = run.assembler.waiting_rows(), run.assembler.buffered_rows()
     ids = make_ids(5, 10)
     bad = pa.table({"x": pa.array(np.arange(10, dtype=np.int64)), codec.ID: pa.array(ids)})
     reason = curator.add_shard(0, 5, bad)
     assert "schema" in reason
     assert reason == "schema differs from the pool's: column 'x' is int64, the pool's is float64"
-    assert run.assembler.rows_in == rows_before
+    assert run.assembler.waiting_rows() == waiting_before
     assert run.assembler.buffered_rows() == buffered_before
     # The refused shard's samples never entered the pool either.
     assert curator.feedback(ids[:1], np.ones(1, np.float32)) != ""
@@ -193,18 +197,35 @@ def test_job_spec_without_conflict() -> None:
     assert SPEC.conflict(JobSpec("other", 4, 2, "uniform", 1)) == ""
 
 
-def test_wants_more_pauses_when_ready_batches_run_ahead() -> None:
+def test_reading_pauses_when_waiting_rows_run_ahead_and_choosing_is_on_demand() -> None:
     curator = Curator(SPEC, SETTINGS)
     curator.start_epoch(0, records(3))
     assert curator.wants_more(0)
     for i in range(3):
         curator.add_shard(0, i, shard(i, 10))
-    # 30 rows: five batches ready, more than ready_batches * world_size = 4 with nobody asking.
-    assert len(curator.epochs[0].ids) == 5
+    # 30 rows wait, more than ready_batches * world_size super-batches of 4 = 16 rows, and none is
+    # chosen while nobody asks.
+    run = curator.epochs[0]
+    assert run.assembler.waiting_rows() == 30
+    assert len(run.ledger) == 0
     assert not curator.wants_more(0)
-    # Requests up to g = 2 bring the read-ahead window back past what is assembled.
+    # A request for g = 2 chooses up to select_ahead (2) batches per rank beyond it, which takes
+    # the waiting rows into the shuffle buffer: reading may go on.
     curator.lookup(0, 0, 1)
+    assert len(run.ledger) == 5  # 30 rows, 8 held back for the tail: five full batches
+    assert run.assembler.waiting_rows() == 0
     assert curator.wants_more(0)
+
+
+def test_choosing_stops_at_the_request_window() -> None:
+    curator = Curator(SPEC, CuratorSettings(shuffle_rows=0, ready_batches=2, select_ahead=1))
+    curator.start_epoch(0, records(5))
+    for i in range(5):
+        curator.add_shard(0, i, shard(i, 10))
+    curator.lookup(0, 0, 0)  # g = 0, and one batch per rank beyond: g = 0..2
+    assert len(curator.epochs[0].ledger) == 3
+    curator.lookup(1, 0, 1)  # g = 3: up to g = 5
+    assert len(curator.epochs[0].ledger) == 6
 
 
 def test_start_epoch_permutes_shards_per_seed_and_epoch() -> None:

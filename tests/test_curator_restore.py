@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from loader import codec
-from loader.curator import Curator, CuratorSettings, EndOfEpoch, JobSpec, Materialize, Ready
+from loader.curator import Curator, CuratorSettings, EndOfEpoch, JobSpec, Materialize, Pending, Ready
 from loader.ids import make_ids
 from loader.registry import ShardRecord
 from loader.selection.options import SelectionOptions
@@ -51,6 +51,8 @@ def new_curator(spec: JobSpec, store: StateStore) -> Curator:
 def feed(curator: Curator, order: list[ShardRecord], upto: int | None = None) -> None:
     for record in order[:upto]:
         assert curator.add_shard(0, record.index, shard(record.index), scores(record.index)) == ""
+    # Batches are chosen when asked for: a request far ahead chooses all that the rows allow.
+    assert isinstance(curator.lookup(0, 0, 1 << 20), Pending)
 
 
 def served_ids(curator: Curator, start: int = 0) -> list[np.ndarray]:
@@ -80,8 +82,8 @@ def test_an_epoch_cut_by_a_restart_considers_every_row_once(tmp_path, policy) ->
     before = new_curator(spec, store)
     order = before.start_epoch(0, records())
     feed(before, order, upto=3)
-    before.feedback(before.epochs[0].ids[0], np.ones(len(before.epochs[0].ids[0]), np.float32))
-    selected_before = len(before.epochs[0].ids)
+    before.feedback(before.epochs[0].ledger.ids[0], np.ones(len(before.epochs[0].ledger.ids[0]), np.float32))
+    selected_before = len(before.epochs[0].ledger.ids)
     assert selected_before > 0
     state = before.get_state()
 
@@ -96,7 +98,7 @@ def test_an_epoch_cut_by_a_restart_considers_every_row_once(tmp_path, policy) ->
     batches = served_ids(after)
     ids = np.concatenate(batches)
     assert len(np.unique(ids)) == len(ids), "a sample was served twice in the epoch"
-    np.testing.assert_array_equal(np.concatenate(batches[:selected_before]), np.concatenate(before.epochs[0].ids))
+    np.testing.assert_array_equal(np.concatenate(batches[:selected_before]), np.concatenate(before.epochs[0].ledger.ids))
     considered = np.concatenate([c for c, _, _ in store.read_batches("epoch-0.log")])
     assert sorted(considered) == sorted(make_ids(i, ROWS)[r] for i in range(SHARDS) for r in range(ROWS))
     if policy == "uniform":
@@ -109,17 +111,17 @@ def test_restored_state_keeps_cluster_ids_and_bandit_weights(tmp_path) -> None:
     store = StateStore(tmp_path)
     before = new_curator(spec, store)
     feed(before, before.start_epoch(0, records()))
-    served = np.concatenate(before.epochs[0].ids)
+    served = np.concatenate(before.epochs[0].ledger.ids)
     before.feedback(served, np.linspace(0, 3, len(served)).astype(np.float32))
 
     after = new_curator(spec, store)
     after.restore_state(before.get_state())
     everything = np.concatenate([make_ids(i, ROWS) for i in range(SHARDS)])
     np.testing.assert_array_equal(after.pool.cluster_of(everything), before.pool.cluster_of(everything))
-    np.testing.assert_allclose(after.bandit.weights, before.bandit.weights)
-    np.testing.assert_array_equal(after.memory.contents(), before.memory.contents())
-    without_ref_loss = [{k: v for k, v in c.items() if k != "reference_loss"} for c in before.cluster_stats()]
-    assert [{k: v for k, v in c.items() if k != "reference_loss"} for c in after.cluster_stats()] == without_ref_loss
+    np.testing.assert_allclose(after.selector.bandit.weights, before.selector.bandit.weights)
+    np.testing.assert_array_equal(after.selector.memory.contents(), before.selector.memory.contents())
+    without_ref_loss = [{k: v for k, v in c.items() if k != "reference_loss"} for c in before.selector.cluster_stats()]
+    assert [{k: v for k, v in c.items() if k != "reference_loss"} for c in after.selector.cluster_stats()] == without_ref_loss
     # Scores arriving again after the restart must not re-cluster the shard.
     after.start_epoch(1, records())
     feed_epoch = after.add_shard(1, 0, shard(0), scores(0))
@@ -150,4 +152,4 @@ def test_a_small_cluster_cap_is_a_valid_job(tmp_path, max_clusters) -> None:
     curator = Curator(spec, CuratorSettings(shuffle_rows=0, ready_batches=1))
     curator.start_epoch(0, records())
     assert curator.add_shard(0, 0, shard(0), scores(0)) == ""
-    assert 1 <= curator.clusters.num_clusters <= max_clusters
+    assert 1 <= curator.selector.clusters.num_clusters <= max_clusters

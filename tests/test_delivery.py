@@ -30,7 +30,7 @@ def test_epoch_delivers_every_sample_once_with_equal_batch_counts(service, world
 
 def test_batches_hold_the_shard_columns_with_ids_and_weights(service):
     svc, _ = service
-    with RemoteLoader(svc.address, job="columns", batch_size=16) as loader:
+    with RemoteLoader(svc.address, job="columns", batch_size=16, timeout_s=60) as loader:
         batch = next(iter(loader))
     assert batch["x"].shape == (16, 40) and batch["x"].dtype.is_floating_point
     assert batch["y"].dtype.is_floating_point is False and batch["y"].shape == (16,)
@@ -41,7 +41,7 @@ def test_batches_hold_the_shard_columns_with_ids_and_weights(service):
 
 def test_second_epoch_reshuffles_and_again_covers_everything(service):
     svc, rows = service
-    with RemoteLoader(svc.address, job="two-epochs", batch_size=50) as loader:
+    with RemoteLoader(svc.address, job="two-epochs", batch_size=50, timeout_s=60) as loader:
         first = epoch_ids(loader)
         second = epoch_ids(loader)
         assert loader.state_dict()["epoch"] == 2
@@ -53,7 +53,7 @@ def test_second_epoch_reshuffles_and_again_covers_everything(service):
 def test_acknowledged_batches_are_released_once_the_stream_ends(service):
     # Acks ride on the gateway's next batch request; the last ones go when the stream ends.
     svc, rows = service
-    with RemoteLoader(svc.address, job="acks", batch_size=40) as loader:
+    with RemoteLoader(svc.address, job="acks", batch_size=40, timeout_s=60) as loader:
         assert sum(len(b) for b in epoch_ids(loader)) == rows
         deadline = time.monotonic() + 30
         while (held := loader.stats().jobs[0].unacked_batches) != 0:

@@ -100,7 +100,7 @@ def test_epoch_properties(case) -> None:
     if total >= W and B >= 2:
         assert empties == 0
 
-    assert assembler.rows_in == total
+    assert sum(b.num_rows for b in batches) == total
     assert assembler.emitted == n
     assert assembler.exhausted
     assert assembler.pop_ready() == []
@@ -203,7 +203,7 @@ def test_add_after_finish_is_refused() -> None:
     assembler.finish()
     with pytest.raises(RuntimeError):
         assembler.add(shard_table(0, 3))
-    assert assembler.rows_in == 0
+    assert assembler.waiting_rows() == 0
 
 
 @pytest.mark.parametrize("batch_size, world_size", [(0, 1), (1, 0), (-1, 2)])
@@ -256,8 +256,15 @@ def test_bandit_quotas_keep_every_row_exactly_once(case, clusters, gamma) -> Non
     arms = Exp3Arms(gamma=gamma, eta=4.0)
     arms.update(np.arange(clusters), np.linspace(-1, 1, clusters))  # uneven weights
 
+    class ByRow:  # what a Selector answers: a cluster per row, quotas from the bandit
+        def cluster_of(self, ids):
+            return (row_of(ids) % clusters).astype(np.int64)
+
+        def quotas(self, k, counts):
+            return arms.quotas(k, counts)
+
     def buffer(rng):
-        return ClusteredShuffleBuffer(rng, lambda ids: (row_of(ids) % clusters).astype(np.int64), arms.quotas)
+        return ClusteredShuffleBuffer(rng, ByRow())
 
     B, W = case["batch_size"], case["world_size"]
     assembler = EpochAssembler(B, W, case["shuffle_rows"], case["seed"], buffer=buffer)

@@ -12,9 +12,11 @@ from ray.exceptions import RayActorError
 
 from loader import RemoteLoader
 from loader.client.admin import fetch_stats
-from tests.helpers import rows_in
+from tests.helpers import LOADER_TIMEOUT_S, rows_in
 
 IDLE_S = 0.2
+WAIT_S = 30
+POLL_S = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +28,16 @@ def live_jobs(address: str) -> set[str]:
     return {j.job for j in fetch_stats(address).jobs}
 
 
+def curator_alive(curator) -> bool:
+    try:
+        ray.get(curator.stats.remote(), timeout=WAIT_S)
+    except RayActorError:
+        return False
+    return True
+
+
 def test_an_idle_job_is_released_and_resumes_from_its_state(service, mnist_tar):
-    loader = RemoteLoader(service.address, job="idle", batch_size=32)
+    loader = RemoteLoader(service.address, job="idle", batch_size=32, timeout_s=LOADER_TIMEOUT_S)
     first = []
     for batch in loader:
         first.append(batch["_id"].numpy().copy())
@@ -36,14 +46,16 @@ def test_an_idle_job_is_released_and_resumes_from_its_state(service, mnist_tar):
     state = loader.state_dict()
     loader.close()
     curator = service.pipeline.curator("idle")
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + WAIT_S
     while "idle" in live_jobs(service.address):
-        assert time.monotonic() < deadline, "the idle job was not released within 30 s"
-    with pytest.raises(RayActorError):  # ray.kill takes effect asynchronously: bounded retries
-        while time.monotonic() < deadline:
-            ray.get(curator.stats.remote(), timeout=30)
+        assert time.monotonic() < deadline, f"the idle job was not released within {WAIT_S} s"
+        time.sleep(POLL_S)
+    deadline = time.monotonic() + WAIT_S
+    while curator_alive(curator):  # ray.kill takes effect asynchronously
+        assert time.monotonic() < deadline, f"the released job's curator still answers after {WAIT_S} s"
+        time.sleep(POLL_S)
 
-    again = RemoteLoader(service.address, job="idle", batch_size=32)
+    again = RemoteLoader(service.address, job="idle", batch_size=32, timeout_s=LOADER_TIMEOUT_S)
     again.load_state_dict(state)
     rest = [batch["_id"].numpy().copy() for batch in again]
     again.close()
@@ -52,7 +64,7 @@ def test_an_idle_job_is_released_and_resumes_from_its_state(service, mnist_tar):
 
 
 def test_a_job_with_a_connected_trainer_is_never_released(service):
-    loader = RemoteLoader(service.address, job="busy", batch_size=32)
+    loader = RemoteLoader(service.address, job="busy", batch_size=32, timeout_s=LOADER_TIMEOUT_S)
     batches = iter(loader)
     next(batches)  # the stream is open; the trainer is simply slow
     far_future = time.monotonic() + 3600

@@ -16,7 +16,7 @@ from loader.models import mlp
 from loader.reference import train_reference
 from loader.scoring import ModelSpec
 from loader.sources.writers import write_parquet
-from tests.helpers import blobs
+from tests.helpers import blobs, rows_in
 
 NOISE_SHARD = 4
 COPIES_SHARD = 5
@@ -56,7 +56,7 @@ def test_noise_cluster_loses_bandit_weight_within_bounded_steps(service):
     torch.manual_seed(0)
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loader = RemoteLoader(service.address, job="bandit", batch_size=32, policy="learnability+bandit",
+    loader = RemoteLoader(service.address, job="bandit", batch_size=32, timeout_s=60, policy="learnability+bandit",
                           options={"keep_ratio": 1.0, "max_clusters": 16})  # fmt: skip
     for _ in range(2):  # 2 epochs of 44 batches: a bounded number of steps
         noise_at = []  # batch positions of noise samples in the epoch
@@ -81,21 +81,27 @@ def test_noise_cluster_loses_bandit_weight_within_bounded_steps(service):
     assert sum(c.weight for c in clusters) == pytest.approx(1.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("diversity, at_most, at_least", [(0.0, None, 10), (2.0, 1, 0)])
-def test_exact_duplicates_are_suppressed_while_remembered(service, diversity, at_most, at_least):
+@pytest.mark.parametrize("diversity, served_copies", [(0.0, range(10, 65)), (2.0, range(0, 2))])
+def test_exact_duplicates_are_suppressed_while_remembered(service, pool, diversity, served_copies):
+    """The 64 copies are the easiest samples of the pool: without diversity easy_reference serves
+    many of them. With it, at most one: once a copy is served the memory (larger than the pool)
+    holds its exact embedding, and every later copy is penalised by the full similarity."""
     options = {"keep_ratio": 0.25, "diversity": diversity, "chunk": 1, "memory_size": 4096}
-    with RemoteLoader(service.address, job=f"diversity-{diversity}", batch_size=32, policy="easy_reference",
-                      options=options) as loader:  # fmt: skip
+    with RemoteLoader(service.address, job=f"diversity-{diversity}", batch_size=32, timeout_s=60,
+                      policy="easy_reference", options=options) as loader:  # fmt: skip
         copies = sum(int((batch["_id"] >> 32 == COPIES_SHARD).sum()) for batch in loader)
-    if at_most is not None:
-        assert copies <= at_most
-    assert copies >= at_least
+        stats = loader.stats()
+    assert copies in served_copies, copies
+    # Every sample, each copy included, was a candidate: what kept copies out was the selection.
+    shards = {s.index: s for s in stats.shards}
+    assert (shards[COPIES_SHARD].state, shards[COPIES_SHARD].rows) == ("ok", 64)
+    assert stats.jobs[0].samples_considered == rows_in(pool[0])
 
 
 def test_pipeline_reports_cluster_members_and_actor_processes(service):
     """Analysis tools read cluster membership and actor PIDs from the Pipeline, not from actor
     internals: the membership must add up to GetStats' cluster sizes."""
-    with RemoteLoader(service.address, job="members", batch_size=32, policy="learnability+bandit",
+    with RemoteLoader(service.address, job="members", batch_size=32, timeout_s=60, policy="learnability+bandit",
                       options={"keep_ratio": 0.5}) as loader:  # fmt: skip
         for _ in loader:
             pass

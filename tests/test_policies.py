@@ -312,6 +312,19 @@ def test_parse_options_names_the_key_in_every_error(values, key, problem) -> Non
     assert problem in caught.value.problem
 
 
+def test_parse_options_reads_whole_numbers_and_padded_names_from_strings() -> None:
+    # Hello carries every option as a string.
+    options = parse_options({"memory_size": "64", "max_clusters": "8.0", "chunk": 4.0, "bandit": " ucb "})
+    assert (options.memory_size, options.max_clusters, options.chunk, options.bandit) == (64, 8, 4, "ucb")
+    assert all(isinstance(n, int) for n in (options.memory_size, options.max_clusters, options.chunk))
+    for values, problem in (({"chunk": "2.5"}, "whole number"), ({"chunk": True}, "expected a number"),
+                            ({"memory_size": "0"}, ">= 1"), ({"eta": "nan"}, "finite")):  # fmt: skip
+        with pytest.raises(ConfigError) as caught:
+            parse_options(values, key="options")
+        assert caught.value.key == f"options.{next(iter(values))}" and problem in caught.value.problem
+        assert "\n" not in str(caught.value)  # one line, not pydantic's report
+
+
 def test_parse_options_uses_the_given_key() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_options({"beta": "-1"}, key="jobs.a.selection")

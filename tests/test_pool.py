@@ -7,6 +7,7 @@ import pytest
 
 from loader.ids import MAX_SHARDS, ROW_BITS, ROW_MASK, make_ids, row_of, shard_of
 from loader.pool import PoolIndex, UnknownSamples
+from loader.selection.scores import fill_missing
 
 
 @pytest.mark.parametrize("shard_index", [0, 1, 12345, MAX_SHARDS - 1])
@@ -157,3 +158,63 @@ def test_unseen_fallback_follows_first_reports_not_later_ones():
     assert pool.unseen_learner_loss() == pytest.approx(2.0)
     pool.record_losses(ids[2:3], np.array([1.0], np.float32))  # a first report moves it
     assert 1.0 < pool.unseen_learner_loss() < 2.0
+
+
+def clustered_pool() -> tuple[PoolIndex, np.ndarray]:
+    """Shard 0 in clusters 0 and 1, shard 1 not clustered (its scores have not arrived)."""
+    p = PoolIndex()
+    p.ensure_shard(0, 6)
+    p.ensure_shard(1, 2)
+    p.set_clusters(0, np.array([0, 0, 0, 1, 1, 1]))
+    return p, np.concatenate([make_ids(0, 6), make_ids(1, 2)])
+
+
+def test_the_fallback_is_the_clusters_average_of_first_reports() -> None:
+    p, ids = clustered_pool()
+    assert np.isnan(p.fallback_learner_loss(ids)).all()  # nothing reported yet
+    p.record_losses(ids[[0, 1]], np.array([1.0, 3.0]))  # cluster 0 only
+    fallback = p.fallback_learner_loss(ids)
+    assert fallback.dtype == np.float32 and fallback.shape == (8,)
+    np.testing.assert_allclose(fallback[:3], 2.0)
+    # Cluster 1 has no report, shard 1 no clusters: both take the pool's value.
+    np.testing.assert_allclose(fallback[3:], p.unseen_learner_loss())
+    p.record_losses(ids[[3]], np.array([5.0]))
+    np.testing.assert_allclose(p.fallback_learner_loss(ids[[2, 4]]), [2.0, 5.0])
+
+
+def test_a_clusters_fallback_ignores_repeated_reports_and_follows_new_first_ones() -> None:
+    p, ids = clustered_pool()
+    p.record_losses(ids[[0]], np.array([2.0]))
+    for _ in range(20):  # the learner fits the sample it keeps being served
+        p.record_losses(ids[[0]], np.array([0.01]))
+    assert p.fallback_learner_loss(ids[[1]])[0] == pytest.approx(2.0)
+    p.record_losses(ids[[1]], np.array([1.0]))  # a newer first report moves it, by the smoothing
+    assert p.fallback_learner_loss(ids[[2]])[0] == pytest.approx((0.9 * 0.1 * 2.0 + 0.1 * 1.0) / (0.9 * 0.1 + 0.1))
+    # Two samples first reported together count as two.
+    p.record_losses(ids[[3, 4, 5]], np.array([1.0, 1.0, 4.0]))
+    assert p.fallback_learner_loss(ids[[3]])[0] == pytest.approx(2.0)
+
+
+def test_the_fallback_survives_a_restart_and_old_states_still_load() -> None:
+    p, ids = clustered_pool()
+    p.record_losses(ids[[0, 3, 6]], np.array([1.0, 4.0, 2.0]))
+    state = p.get_state()
+    assert "reported" not in state
+    restored = PoolIndex.from_state(state)
+    np.testing.assert_array_equal(restored.fallback_learner_loss(ids), p.fallback_learner_loss(ids))
+    # A state saved before the per-cluster averages existed, with the per-sample report counts
+    # that were kept then: it loads, and the pool's value stands in for every cluster.
+    old = {k: v for k, v in state.items() if not k.startswith("cluster_loss")}
+    old["reported"] = np.ones(len(state["learner_loss"]), np.uint32)
+    restored = PoolIndex.from_state(old)
+    np.testing.assert_array_equal(restored.learner_loss(ids), p.learner_loss(ids))
+    np.testing.assert_allclose(restored.fallback_learner_loss(ids), p.unseen_learner_loss())
+
+
+def test_fill_missing_takes_one_fallback_per_value_and_refuses_a_misfit() -> None:
+    p, ids = clustered_pool()
+    p.record_losses(ids[[0, 3]], np.array([1.0, 4.0]))
+    filled = fill_missing(p.learner_loss(ids[[0, 1, 4]]), p.fallback_learner_loss(ids[[0, 1, 4]]))
+    np.testing.assert_allclose(filled, [1.0, 1.0, 4.0])
+    with pytest.raises(ValueError, match="fallback has shape"):
+        fill_missing(np.array([np.nan, 1.0, np.nan]), np.array([1.0, 2.0]))

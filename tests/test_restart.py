@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from loader import RemoteLoader
-from tests.helpers import blob_pool, rows_in
+from tests.helpers import LOADER_TIMEOUT_S, blob_pool, rows_in
 
+POLL_S = 0.05
 CURATED = dict(policy="learnability+bandit+diversity", options={"keep_ratio": 0.5, "max_clusters": 8})
 
 
@@ -52,7 +53,7 @@ def take(loader: RemoteLoader, batches: int, report: bool = False) -> list[np.nd
 def job_stats(address: str, job: str, feedback_samples: int = 0, timeout_s: float = 30.0):
     """The job's stats once at least `feedback_samples` reported losses have arrived (bounded)."""
     deadline = time.monotonic() + timeout_s
-    with RemoteLoader(address, job=job, batch_size=1) as probe:
+    with RemoteLoader(address, job=job, batch_size=1, timeout_s=LOADER_TIMEOUT_S) as probe:
         while True:
             stats = probe.stats()
             jobs = [j for j in stats.jobs if j.job == job]
@@ -60,18 +61,19 @@ def job_stats(address: str, job: str, feedback_samples: int = 0, timeout_s: floa
                 return stats, jobs[0]
             got = jobs[0].feedback_samples if jobs else None
             assert time.monotonic() < deadline, f"job {job!r}: {got} of {feedback_samples} losses within {timeout_s} s"
+            time.sleep(POLL_S)
 
 
 def test_uniform_epoch_survives_a_restart_without_loss_or_repeat(restartable, pool):
     service = restartable()
-    loader = RemoteLoader(service.address, job="plain", batch_size=32)
+    loader = RemoteLoader(service.address, job="plain", batch_size=32, timeout_s=LOADER_TIMEOUT_S)
     first = take(loader, 7)
     state = loader.state_dict()
     loader.close()
     service.stop()
 
     again = restartable()
-    loader = RemoteLoader(again.address, job="plain", batch_size=32)
+    loader = RemoteLoader(again.address, job="plain", batch_size=32, timeout_s=LOADER_TIMEOUT_S)
     loader.load_state_dict(state)
     rest = [batch["_id"].numpy().copy() for batch in loader]
     loader.close()
@@ -81,7 +83,7 @@ def test_uniform_epoch_survives_a_restart_without_loss_or_repeat(restartable, po
 
 def test_scores_clusters_and_bandit_survive_a_restart(restartable, pool):
     service = restartable()
-    loader = RemoteLoader(service.address, job="curated", batch_size=16, **CURATED)
+    loader = RemoteLoader(service.address, job="curated", batch_size=16, timeout_s=LOADER_TIMEOUT_S, **CURATED)
     first = take(loader, 6, report=True)
     state = loader.state_dict()
     loader.close()
@@ -92,7 +94,7 @@ def test_scores_clusters_and_bandit_survive_a_restart(restartable, pool):
     service.stop()
 
     again = restartable()
-    loader = RemoteLoader(again.address, job="curated", batch_size=16, **CURATED)
+    loader = RemoteLoader(again.address, job="curated", batch_size=16, timeout_s=LOADER_TIMEOUT_S, **CURATED)
     loader.load_state_dict(state)
     rest = [batch["_id"].numpy().copy() for batch in loader]
     loader.close()
@@ -110,11 +112,11 @@ def test_scores_clusters_and_bandit_survive_a_restart(restartable, pool):
 
 def test_a_restarted_service_refuses_a_job_name_with_other_settings(restartable):
     service = restartable()
-    take(RemoteLoader(service.address, job="fixed", batch_size=8), 1)
+    take(RemoteLoader(service.address, job="fixed", batch_size=8, timeout_s=LOADER_TIMEOUT_S), 1)
     service.stop()
     again = restartable()
     with pytest.raises(grpc.RpcError) as caught:
-        take(RemoteLoader(again.address, job="fixed", batch_size=16), 1)
+        take(RemoteLoader(again.address, job="fixed", batch_size=16, timeout_s=LOADER_TIMEOUT_S), 1)
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "batch_size=8" in caught.value.details()
 

@@ -18,7 +18,7 @@ RESUME_SCRIPT = textwrap.dedent(
     import json, sys
     from loader import RemoteLoader
     address, state = sys.argv[1], json.loads(sys.argv[2])
-    loader = RemoteLoader(address, job=state["job"], batch_size=32)
+    loader = RemoteLoader(address, job=state["job"], batch_size=32, timeout_s=60)
     loader.load_state_dict(state)
     print(json.dumps([b["_id"].tolist() for b in loader]))
     """
@@ -41,7 +41,7 @@ def take(loader: RemoteLoader, n: int) -> list[np.ndarray]:
 
 def test_resume_in_a_new_process_loses_and_repeats_nothing(service):
     svc, rows = service
-    loader = RemoteLoader(svc.address, job="resume-process", batch_size=32, prefetch=4)
+    loader = RemoteLoader(svc.address, job="resume-process", batch_size=32, timeout_s=60, prefetch=4)
     before = take(loader, 5)
     state = loader.state_dict()
     loader.close()
@@ -60,13 +60,13 @@ def test_resume_in_a_new_process_loses_and_repeats_nothing(service):
 def test_resume_from_an_older_state_replays_the_same_batches(service):
     """Batches after the saved state were already acknowledged; they are re-read, not lost."""
     svc, rows = service
-    loader = RemoteLoader(svc.address, job="resume-older", batch_size=32)
+    loader = RemoteLoader(svc.address, job="resume-older", batch_size=32, timeout_s=60)
     first = take(loader, 3)
     state = loader.state_dict()
     seen_after_state = take(loader, 4)  # handed over and acknowledged, then the trainer "crashes"
     loader.close()
 
-    again = RemoteLoader(svc.address, job="resume-older", batch_size=32)
+    again = RemoteLoader(svc.address, job="resume-older", batch_size=32, timeout_s=60)
     again.load_state_dict(state)
     rest = [b["_id"].numpy().copy() for b in again]
     for old, new in zip(seen_after_state, rest):
@@ -77,7 +77,7 @@ def test_resume_from_an_older_state_replays_the_same_batches(service):
 
 def test_state_for_another_job_or_rank_is_refused(service):
     svc, _ = service
-    loader = RemoteLoader(svc.address, job="a", batch_size=8)
+    loader = RemoteLoader(svc.address, job="a", batch_size=8, timeout_s=60)
     with pytest.raises(ValueError, match="job"):
         loader.load_state_dict({"job": "b", "rank": 0, "world_size": 1, "epoch": 0, "seq": 0})
     with pytest.raises(KeyError, match="seq"):

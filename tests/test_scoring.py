@@ -360,5 +360,15 @@ def test_inputs_from_table_missing_column():
         inputs_from_table(table, input_col="image", label_col="label")
 
 
-def test_best_device():
-    assert best_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+def test_best_device_is_usable_and_is_cuda_whenever_cuda_works():
+    device = best_device()
+    assert device in ("cpu", "cuda")
+    # The device it names takes a tensor and computes on it.
+    assert (torch.ones(3, device=device) * 2).sum().item() == 6
+    if device == "cpu":
+        # Chosen only when no CUDA device can be used at all: placing a tensor on one must fail
+        # (AssertionError from a CPU-only build of torch, RuntimeError when no GPU is visible).
+        with pytest.raises((AssertionError, RuntimeError)):
+            torch.zeros(1, device="cuda")
+    else:
+        assert torch.zeros(1, device=device).device.type == "cuda"

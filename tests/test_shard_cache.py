@@ -13,6 +13,9 @@ from loader.reader import read_with_ids
 from loader.shard_cache import ShardCache
 from loader.sources.writers import write_parquet
 
+# Every wait on an actor or object is bounded: a hang fails the test with Ray's GetTimeoutError.
+RAY_TIMEOUT_S = 60
+
 
 def shard(tmp_path, name: str, rows: int, value: float = 0.0) -> str:
     path = str(tmp_path / f"{name}.parquet")
@@ -75,14 +78,14 @@ def test_reader_puts_a_shard_in_the_object_store_once_and_hands_out_its_referenc
     # The second caches nothing (no shard fits): each read puts its own object.
     reader, uncached = ShardReaderActor.remote(1 << 20), ShardReaderActor.remote(0)
     try:
-        first, again = ray.get([reader.read.remote(path, 3), reader.read.remote(path, 3)])
+        first, again = ray.get([reader.read.remote(path, 3), reader.read.remote(path, 3)], timeout=RAY_TIMEOUT_S)
         assert first.ref is not None and first.ref == again.ref  # cached: the same object
-        result = ray.get(first.ref)
+        result = ray.get(first.ref, timeout=RAY_TIMEOUT_S)
         assert (result.index, result.uri, result.table.num_rows, result.error) == (3, path, 10, "")
-        lost = ray.get(reader.read.remote(missing, 4))  # errors come back inline, no object
+        lost = ray.get(reader.read.remote(missing, 4), timeout=RAY_TIMEOUT_S)  # errors come back inline, no object
         assert lost.ref is None and lost.error and (lost.index, lost.uri) == (4, missing)
-        refs = [ray.get(uncached.read.remote(path, 3)).ref for _ in range(2)]
-        assert refs[0] != refs[1] and ray.get(refs[1]).table.num_rows == 10
+        refs = [ray.get(uncached.read.remote(path, 3), timeout=RAY_TIMEOUT_S).ref for _ in range(2)]
+        assert refs[0] != refs[1] and ray.get(refs[1], timeout=RAY_TIMEOUT_S).table.num_rows == 10
     finally:
         for actor in (reader, uncached):
             ray.kill(actor)
@@ -99,17 +102,17 @@ def test_a_shard_dies_with_its_reader_and_the_restarted_reader_puts_it_again(ray
     path = shard(tmp_path, "a", 10)
     reader = ShardReaderActor.remote(1 << 20)
     try:
-        before = ray.get(reader.read.remote(path, 0))
+        before = ray.get(reader.read.remote(path, 0), timeout=RAY_TIMEOUT_S)
         ray.kill(reader, no_restart=False)
         deadline = time.monotonic() + 60
         while True:  # borrowers hear of the owner's death asynchronously; until then a copy may serve
             try:
-                ray.get(before.ref, timeout=60)
+                ray.get(before.ref, timeout=RAY_TIMEOUT_S)
             except ObjectLostError:
                 break
             assert time.monotonic() < deadline, "the object outlived its reader"
             time.sleep(0.1)
-        after = ray.get(reader.read.remote(path, 0), timeout=60)
-        assert after.ref != before.ref and ray.get(after.ref).table.num_rows == 10
+        after = ray.get(reader.read.remote(path, 0), timeout=RAY_TIMEOUT_S)
+        assert after.ref != before.ref and ray.get(after.ref, timeout=RAY_TIMEOUT_S).table.num_rows == 10
     finally:
         ray.kill(reader)

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from loader import RemoteLoader
-from tests.helpers import rows_in
+from tests.helpers import LOADER_TIMEOUT_S, rows_in
+
+POLL_S = 0.05
 
 # (where it dies, at which step) for successive runs of one trainer; the last run finishes.
 KILLS = [("received", 2), ("reported", 0), ("received", 1), ("reported", 1), ("received", 0)]
@@ -33,7 +35,7 @@ def run_trainer(address: str, job: str, log, die_at: int, where: str, policy: st
 
 
 def trainers_connected(address: str) -> int:
-    with RemoteLoader(address, job="probe", batch_size=1) as probe:
+    with RemoteLoader(address, job="probe", batch_size=1, timeout_s=LOADER_TIMEOUT_S) as probe:
         return probe.stats().trainers_connected
 
 
@@ -41,6 +43,7 @@ def wait_for_no_trainers(address: str, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while (connected := trainers_connected(address)) != 0:
         assert time.monotonic() < deadline, f"{connected} dead trainers still hold streams after {timeout_s} s"
+        time.sleep(POLL_S)
 
 
 @pytest.mark.parametrize("policy", ["uniform", "loss"])
@@ -59,7 +62,7 @@ def test_killed_trainers_resume_without_loss_or_repeat(service, mnist_tar, tmp_p
     assert seqs == list(range(1, len(lines) + 1))
     # The job's served count includes batches re-sent after each kill; its feedback holds every
     # report that reached the server before a kill and after resumes.
-    with RemoteLoader(service.address, job=job, batch_size=32) as probe:
+    with RemoteLoader(service.address, job=job, batch_size=32, timeout_s=LOADER_TIMEOUT_S) as probe:
         stats = probe.stats()
     mine = [j for j in stats.jobs if j.job == job][0]
     assert mine.batches_served >= len(lines)

@@ -24,8 +24,6 @@ def shard_info(record) -> pb.ShardInfo:
 class LoaderService(pb_grpc.LoaderServicer):
     def __init__(self, pipeline, config) -> None:
         self.pipeline, self.config = pipeline, config
-        # (job, rank) -> the live session; a newer stream for the same rank supersedes it.
-        self.sessions: dict[tuple[str, int], TrainSession] = {}
 
     async def Train(self, request_iterator, context):
         requests = request_iterator.__aiter__()
@@ -50,15 +48,12 @@ class LoaderService(pb_grpc.LoaderServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except (ConfigError, ValueError) as exc:  # options that parse but that no policy accepts
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Hello: {exc}")
-        behind = self._ranks_left_behind(spec.job, session)
-        if behind:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, behind)
-        key = (spec.job, session.rank)
-        previous = self.sessions.get(key)
+        try:
+            previous = session.job.open_stream(session.rank, session.epoch, session, self.pipeline.epochs_kept)
+        except JobConflict as exc:  # an epoch so far ahead that the curator would forget another rank's
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         if previous is not None:
             previous.stop(Abort(grpc.StatusCode.ABORTED, f"superseded by a newer stream for job {spec.job!r} rank {session.rank}"))
-        self.sessions[key] = session
-        self.pipeline.attach(spec.job)
         reader = asyncio.ensure_future(session.read_requests(requests))
         try:
             yield pb.TrainResponse(status=pb.Status(code=pb.Status.READY, epoch=session.epoch, policy=spec.policy))
@@ -75,28 +70,14 @@ class LoaderService(pb_grpc.LoaderServicer):
         finally:
             reader.cancel()
             session.flush_acks()
-            self.pipeline.detach(spec.job)
-            if self.sessions.get(key) is session:
-                del self.sessions[key]
-
-    def _ranks_left_behind(self, job: str, session: TrainSession) -> str:
-        """Why `session` may not start its epoch, or ''. Starting an epoch makes the curator forget
-        all but the newest `epochs_kept`, so a rank that far ahead would cut off the others."""
-        kept = self.pipeline.epochs_kept
-        for (other_job, rank), other in self.sessions.items():
-            if other_job == job and rank != session.rank and other.epoch <= session.epoch - kept:
-                return (
-                    f"Hello.epoch {session.epoch} is too far ahead: rank {rank} of job {job!r} is still on "
-                    f"epoch {other.epoch}, and the service keeps only the newest {kept} epochs of a job"
-                )
-        return ""
+            session.job.close_stream(session.rank, session)
 
     async def GetStats(self, request, context):
         stats = await self.pipeline.stats(request.job)
         return pb.Stats(
             shards=[shard_info(r) for r in stats["shards"]],
             jobs=[pb.JobInfo(**{**job, "clusters": [pb.ClusterInfo(**c) for c in job["clusters"]]}) for job in stats["jobs"]],
-            trainers_connected=len(self.sessions),
+            trainers_connected=self.pipeline.trainers_connected,
             reference_scored_samples=stats["reference_scored_samples"],
             reference_scoring_seconds=stats["reference_scoring_seconds"],
             scorer_devices=stats["scorer_devices"],

@@ -89,7 +89,7 @@ class TrainSession:
     def __init__(self, pipeline, spec: JobSpec, hello: pb.Hello) -> None:
         self.pipeline, self.spec = pipeline, spec
         self.rank, self.epoch = hello.rank, hello.epoch
-        self.curator = pipeline.job(spec)
+        self.job = pipeline.job(spec)
         # This stream sends batches first_seq, first_seq + 1, ...; only those can be acknowledged.
         self.first_seq = self.next_seq = hello.next_seq
         self.credits = 0
@@ -156,11 +156,11 @@ class TrainSession:
 
     def flush_acks(self) -> None:
         if self.acked > self.acked_sent:
-            self.pipeline.ack(self.curator, self.rank, self.epoch, self.acked)
+            self.job.ack(self.rank, self.epoch, self.acked)
             self.acked_sent = self.acked
 
     async def _feedback(self, ids: np.ndarray, losses: np.ndarray) -> None:
-        problem = await self.pipeline.feedback(self.curator, ids, losses)
+        problem = await self.job.feedback(ids, losses)
         if problem:
             self.stop(Abort(grpc.StatusCode.INVALID_ARGUMENT, f"Feedback rejected: {problem}"))
 
@@ -196,7 +196,7 @@ class TrainSession:
                 await self.wait()
             acked = self.acked if self.acked > self.acked_sent else -1
             self.acked_sent = max(self.acked, self.acked_sent)
-            result = await self.wait(self.pipeline.next_batch(self.curator, self.rank, self.epoch, self.next_seq, acked))
+            result = await self.wait(self.job.next_batch(self.rank, self.epoch, self.next_seq, acked))
             if isinstance(result, Failed):
                 raise Abort(grpc.StatusCode.FAILED_PRECONDITION, result.message)
             if isinstance(result, EndOfEpoch):

@@ -39,6 +39,9 @@ __all__ = ["OnlineClusters"]
 # around their median; 2.5 medians out is a different group rather than a cluster's tail.
 _FIRST_DISTANCE = 0.5  # between unit vectors: cosine similarity below 0.875
 _AUTO_FACTOR = 2.5
+# The warm start measures that median on a fit of up to `max_clusters` centroids, with at least
+# this many samples each: an in-sample spread of fewer members per centroid is biased low.
+_SCALE_MEMBERS = 20
 
 _threadpools: ThreadpoolController | None = None
 
@@ -63,14 +66,21 @@ class OnlineClusters:
 
     - The first `assign` warm-starts: a full MiniBatchKMeans fit of `init_clusters` clusters on
       that call's embeddings, which should hold at least `init_clusters` distinct points (a
-      shard's worth, say). With fewer distinct points each becomes a cluster of its own.
+      shard's worth, say). With fewer distinct points each becomes a cluster of its own. When
+      those embeddings hold groups far from all of the fit's centroids, the warm start opens a
+      cluster per group as later calls do (below), then fits again: it may end with more than
+      `init_clusters`, up to `max_clusters`.
     - Later calls first open clusters for points farther than `new_cluster_distance` from every
-      centroid, one per far-away group: a centroid at the farthest point, then at the farthest
-      point still too far, and so on while the cap `max_clusters` allows. Then the centroids are
-      updated with `partial_fit` in steps of `batch_size`.
+      centroid, one per far-away group: a centroid near the farthest point (the mean of the
+      points it would take over), then one near the farthest point still too far, and so on
+      while the cap `max_clusters` allows. Then the centroids are updated with `partial_fit` in
+      steps of `batch_size`.
     - `new_cluster_distance=None` means `_AUTO_FACTOR` times the median point-to-nearest-centroid
       distance seen so far (a count-weighted mean of each call's median, measured after opening
-      clusters and before updating the centroids). Until a median is known no cluster is opened.
+      clusters and before updating the centroids). The warm start's median is measured on a fit
+      of as many clusters as the cap allows (at most one per `_SCALE_MEMBERS` points), so that
+      it is a cluster's spread even when `init_clusters` is too few for the groups present.
+      Until a median is known, `_FIRST_DISTANCE` stands in.
     """
 
     def __init__(
@@ -211,38 +221,73 @@ class OnlineClusters:
     def _warm_start(self, x: np.ndarray) -> None:
         distinct, multiplicity = np.unique(x, axis=0, return_counts=True)
         k = min(self.init_clusters, len(distinct))
-        if k == len(distinct):
-            centroids, counts = distinct.astype(np.float64), multiplicity.astype(np.float64)
-        else:
-            fit = MiniBatchKMeans(
-                n_clusters=k, n_init=3, batch_size=self.batch_size, random_state=self.seed
-            ).fit(x.astype(np.float64))
-            centroids = fit.cluster_centers_
-            counts = np.bincount(_nearest(x.astype(np.float64), centroids)[0], minlength=k).astype(np.float64)
-        self._rebuild(centroids, counts)
-        if len(distinct) > k:
+        # The median that scales "far" is measured on the finest fit the cap allows, not on the
+        # `k` centroids kept: when the data holds more groups than k, each of those centroids
+        # lies between several groups, the median is then the distance between groups, and 2.5
+        # times it is beyond every sample, so no cluster would ever open (measured: 20 groups
+        # warm-started with 8 gave a threshold of 2.0 where the farthest sample was at 0.98).
+        fine = min(self.max_clusters, len(distinct) // _SCALE_MEMBERS)
+        if fine > k:
+            self._record(_nearest(x, self._fit(x, distinct, multiplicity, fine)[0].astype(np.float32))[1])
+        centroids, counts = self._fit(x, distinct, multiplicity, k)
+        if fine <= k and len(distinct) > k:
             # In-sample distances, but the only ones there are. With a centroid on every distinct
             # point they would all be 0, and a threshold of 0 would open a cluster per point.
-            self._record(_nearest(x, self._centroids32)[1])
+            self._record(_nearest(x, centroids.astype(np.float32))[1])
+        # More far-apart groups than k: the k centroids would sit between groups and, once every
+        # group opened a cluster of its own, stay there with no members but this call's. So the
+        # warm start opens those clusters itself, drops the centroids left without members, and
+        # fits again from the rest (no id is handed out yet, so none has to stay).
+        seeds, _ = self._seeds(x, _nearest(x, centroids.astype(np.float32))[1], self.max_clusters - k)
+        if seeds:
+            start = np.vstack([centroids, np.asarray(seeds, np.float64)])
+            start = start[np.unique(_nearest(x, start.astype(np.float32))[0])]
+            centroids, counts = self._fit(x, distinct, multiplicity, len(start), init=start)
+        self._rebuild(centroids, counts)
+
+    def _fit(
+        self, x: np.ndarray, distinct: np.ndarray, multiplicity: np.ndarray, k: int, init: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(centroids, member counts) of `k` clusters of x: a centroid per point if there are k."""
+        if k >= len(distinct):
+            return distinct.astype(np.float64), multiplicity.astype(np.float64)
+        x64 = x.astype(np.float64)
+        fit = MiniBatchKMeans(
+            n_clusters=k, init="k-means++" if init is None else init, n_init=3 if init is None else 1,
+            batch_size=self.batch_size, random_state=self.seed,
+        ).fit(x64)  # fmt: skip
+        counts = np.bincount(_nearest(x64, fit.cluster_centers_)[0], minlength=k).astype(np.float64)
+        return fit.cluster_centers_, counts
 
     def _open(self, x: np.ndarray, dist: np.ndarray) -> np.ndarray:
         """Opens clusters for far points; returns each point's distance to its nearest centroid."""
-        threshold = self.threshold
-        room = self.max_clusters - self.num_clusters
-        seeds: list[int] = []
-        far = dist > threshold
-        while len(seeds) < room and far.any():
-            seed = int(np.argmax(np.where(far, dist, -np.inf)))
-            seeds.append(seed)
-            # Every point, not only the far ones: the distances feed the median too.
-            dist = np.minimum(dist, np.sqrt(np.maximum(((x - x[seed]) ** 2).sum(axis=1), 0.0)))
-            far = dist > threshold
+        seeds, dist = self._seeds(x, dist, self.max_clusters - self.num_clusters)
         if seeds:
             self._rebuild(
-                np.vstack([self._centroids, x[seeds].astype(np.float64)]),
+                np.vstack([self._centroids, np.asarray(seeds, np.float64)]),
                 np.concatenate([self._counts, np.zeros(len(seeds))]),
             )
         return dist
+
+    def _seeds(self, x: np.ndarray, dist: np.ndarray, room: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """Up to `room` new centroids, one per group of points farther than the threshold from
+        every centroid, and each point's distance to its nearest centroid with them."""
+        threshold = self.threshold
+        seeds: list[np.ndarray] = []
+        far = dist > threshold
+        while len(seeds) < room and far.any():
+            point = x[int(np.argmax(np.where(far, dist, -np.inf)))]
+            # The farthest point is on its group's edge, where the group's far side can be more
+            # than the threshold away and would open a second cluster; the mean of the points that
+            # the edge point takes over is nearer the group's middle.
+            to_point = _distances(x, point)
+            centre = x[to_point < dist].mean(axis=0)
+            seeds.append(centre)
+            # Every point, not only the far ones: the distances feed the median too. The edge
+            # point counts as covered even if its group is wide, so it is not picked again.
+            dist = np.minimum(dist, np.minimum(to_point, _distances(x, centre)))
+            far = dist > threshold
+        return seeds, dist
 
     def _record(self, dist: np.ndarray) -> None:
         self._median_sum += float(np.median(dist)) * len(dist)
@@ -292,3 +337,7 @@ def _nearest(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarr
     ids = np.argmin(d2, axis=1)
     best = d2[np.arange(len(x)), ids] + (x * x).sum(axis=1)
     return ids.astype(np.int32), np.sqrt(np.maximum(best, 0.0))
+
+
+def _distances(x: np.ndarray, point: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.maximum(((x - point) ** 2).sum(axis=1), 0.0))

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from typing import Annotated, Literal
+
+from annotated_types import Interval
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, TypeAdapter, ValidationError
 
 from loader.errors import ConfigError
 from loader.selection.selectors import SELECTORS
@@ -20,33 +23,94 @@ __all__ = ["SelectionOptions", "keep_count", "parse_options", "split_policy", "s
 
 LEARNER_LOSSES = ("feedback", "snapshot")
 BANDIT_NAMES = ("none", "exp3", "ucb")
+_SELECTOR_NAMES = tuple(sorted(SELECTORS))
 # "package.module:factory", the factory possibly a dotted attribute path (Class.create).
 _IMPORT_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
+def _number(value: object) -> object:
+    # Hello sends numbers as text, so parse it here ("1e3" too, which pydantic's int refuses).
+    # bool is an int to Python, but `keep_ratio: true` is a mistake, not 1.0.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"expected a number, got {value!r}")
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value.strip()
+
+
+def _import_path(path: str) -> str:
+    # Only the form: importing would run the trainer's code inside the config parser.
+    if path and not _IMPORT_PATH.match(path):
+        raise ValueError(f'expected an import path "module:function", got {path!r}')
+    return path
+
+
+def _json_object(value: object) -> str:
+    if isinstance(value, Mapping):
+        try:
+            return json.dumps(dict(value), sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"cannot be written as JSON: {exc}") from None
+    text = _text(value)
+    try:
+        parsed = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"expected a JSON object, got {text!r}")
+    return text or "{}"
+
+
+_NUMBER = BeforeValidator(_number)
+_TEXT = BeforeValidator(_text)
+
+
 @dataclasses.dataclass(frozen=True)
 class SelectionOptions:
-    keep_ratio: float = 0.2  # ρ: a batch of B is chosen from a super-batch of round(B/ρ)
-    selector: str = "topk"
-    beta: float = 1.0  # coldness of stochastic selectors; 0 = uniform
-    learner_loss: str = "feedback"  # "feedback" | "snapshot"
-    prune_ratio: float = 0.5  # InfoBatch (policy `loss`)
-    anneal_fraction: float = 0.875  # InfoBatch: from this fraction of total epochs on, no pruning
-    learner: str = ""  # snapshot mode: import path "module:factory" of the learner
-    learner_kwargs: str = "{}"  # JSON object of kwargs for that factory
+    """Each option's type, bounds and default. The bounds are checked by `parse_options` (pydantic
+    reads the annotations), not by the constructor: code that builds options itself is trusted,
+    as are options restored from a job's saved spec."""
+
+    # allow_inf_nan: no option has a use for NaN or infinity, and NaN slips through every bound.
+    __pydantic_config__ = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    # ρ: a batch of B is chosen from a super-batch of round(B/ρ).
+    keep_ratio: Annotated[float, _NUMBER, Interval(gt=0, le=1)] = 0.2
+    selector: Annotated[Literal[_SELECTOR_NAMES], _TEXT] = "topk"
+    beta: Annotated[float, _NUMBER, Interval(ge=0)] = 1.0  # coldness of stochastic selectors; 0 = uniform
+    learner_loss: Annotated[Literal[LEARNER_LOSSES], _TEXT] = "feedback"
+    prune_ratio: Annotated[float, _NUMBER, Interval(ge=0, lt=1)] = 0.5  # InfoBatch (policy `loss`)
+    # InfoBatch: from this fraction of total epochs on, no pruning.
+    anneal_fraction: Annotated[float, _NUMBER, Interval(gt=0, le=1)] = 0.875
+    # Snapshot mode: import path "module:factory" of the learner, and a JSON object of kwargs for
+    # that factory (YAML may give a mapping; it is kept as canonical JSON).
+    learner: Annotated[str, _TEXT, AfterValidator(_import_path)] = ""
+    learner_kwargs: Annotated[str, BeforeValidator(_json_object)] = "{}"
     # Cluster bandit composing super-batches by cluster quota: "none", "exp3" or "ucb".
-    bandit: str = "none"
-    gamma: float = 0.1  # bandit exploration: every arm keeps at least gamma / K
-    eta: float = 4.0  # bandit learning rate on rewards normalised to [-1, 1]
-    max_clusters: int = 32
+    bandit: Annotated[Literal[BANDIT_NAMES], _TEXT] = "none"
+    gamma: Annotated[float, _NUMBER, Interval(ge=0, le=1)] = 0.1  # bandit exploration: each arm keeps >= gamma / K
+    eta: Annotated[float, _NUMBER, Interval(ge=0)] = 4.0  # bandit learning rate on rewards normalised to [-1, 1]
+    max_clusters: Annotated[int, _NUMBER, Interval(ge=1)] = 32
     # Diversity: scores lowered by lam * max cosine similarity to the memory and the batch so far.
-    diversity: float = 0.0
-    memory_size: int = 1024  # embeddings of recently served samples remembered (FIFO)
-    chunk: int = 32  # joint selection picks this many at a time, re-scoring in between
+    diversity: Annotated[float, _NUMBER, Interval(ge=0)] = 0.0
+    memory_size: Annotated[int, _NUMBER, Interval(ge=1)] = 1024  # embeddings of recently served samples (FIFO)
+    chunk: Annotated[int, _NUMBER, Interval(ge=1)] = 32  # joint selection picks this many at a time, re-scoring between
 
     @property
     def needs_embeddings(self) -> bool:
         return self.bandit != "none" or self.diversity > 0
+
+
+_SCHEMA = TypeAdapter(SelectionOptions)
 
 
 # Suffixes of a composite policy name ("learnability+bandit+diversity") and what they switch on
@@ -71,16 +135,12 @@ def parse_options(
     """`base` updated with `values`; raises ConfigError naming `key.option` and the problem."""
     if not isinstance(values, Mapping):
         raise ConfigError(key, f"expected a mapping of option names to values, got {type(values).__name__}")
-    known = [f.name for f in dataclasses.fields(SelectionOptions)]
-    changes: dict[str, object] = {}
-    for name, value in values.items():
-        if name not in known:
-            raise ConfigError(f"{key}.{name}", f"unknown option; known: {', '.join(known)}")
-        try:
-            changes[name] = _PARSERS[name](value)
-        except _Invalid as exc:
-            raise ConfigError(f"{key}.{name}", str(exc)) from None
-    options = dataclasses.replace(base, **changes)
+    try:
+        parsed = _SCHEMA.validate_python(dict(values))
+    except ValidationError as exc:
+        raise ConfigError.from_validation(exc, SelectionOptions, key) from None
+    # Only the options given: the rest come from `base`, not from the defaults the schema filled in.
+    options = dataclasses.replace(base, **{name: getattr(parsed, name) for name in values})
     if options.bandit != "none" and options.max_clusters < 1:
         raise ConfigError(f"{key}.max_clusters", "a bandit needs at least one cluster")
     # Checked on the result, not on `values`: the learner may come from `base` and the mode from
@@ -107,131 +167,3 @@ def keep_count(n: int, super_batch: int, batch_size: int) -> int:
     if n == super_batch:
         return min(n, batch_size)
     return min(max(1, round(n * batch_size / super_batch)), n, batch_size)
-
-
-class _Invalid(ValueError):
-    """A bad value; parse_options adds the key it came from."""
-
-
-def _number(value: object) -> float:
-    # bool is an int to Python, but `keep_ratio: true` is a mistake, not 1.0.
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    raise _Invalid(f"expected a number, got {value!r}")
-
-
-def _text(value: object) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(f"expected a string, got {value!r}")
-    return value.strip()
-
-
-def _keep_ratio(value: object) -> float:
-    x = _number(value)
-    if not 0 < x <= 1:
-        raise _Invalid(f"must be in (0, 1], got {value!r}")
-    return x
-
-
-def _prune_ratio(value: object) -> float:
-    x = _number(value)
-    if not 0 <= x < 1:
-        raise _Invalid(f"must be in [0, 1), got {value!r}")
-    return x
-
-
-def _anneal_fraction(value: object) -> float:
-    x = _number(value)
-    if not 0 < x <= 1:
-        raise _Invalid(f"must be in (0, 1], got {value!r}")
-    return x
-
-
-def _selector(value: object) -> str:
-    name = _text(value)
-    if name not in SELECTORS:
-        raise _Invalid(f"unknown selector {name!r}; known: {', '.join(sorted(SELECTORS))}")
-    return name
-
-
-def _learner_loss(value: object) -> str:
-    mode = _text(value)
-    if mode not in LEARNER_LOSSES:
-        raise _Invalid(f"expected one of {', '.join(LEARNER_LOSSES)}, got {mode!r}")
-    return mode
-
-
-def _learner(value: object) -> str:
-    path = _text(value)
-    # Only the form: importing would run the trainer's code inside the config parser.
-    if path and not _IMPORT_PATH.match(path):
-        raise _Invalid(f'expected an import path "module:function", got {path!r}')
-    return path
-
-
-def _learner_kwargs(value: object) -> str:
-    if isinstance(value, Mapping):
-        try:
-            return json.dumps(dict(value), sort_keys=True, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise _Invalid(f"cannot be written as JSON: {exc}") from None
-    text = _text(value)
-    try:
-        parsed = json.loads(text or "{}")
-    except json.JSONDecodeError as exc:
-        raise _Invalid(f"not valid JSON ({exc}): {text!r}") from None
-    if not isinstance(parsed, dict):
-        raise _Invalid(f"expected a JSON object, got {text!r}")
-    return text or "{}"
-
-
-def _bandit(value: object) -> str:
-    name = _text(value)
-    if name not in BANDIT_NAMES:
-        raise _Invalid(f"expected one of {', '.join(BANDIT_NAMES)}, got {name!r}")
-    return name
-
-
-def _unit_interval(value: object) -> float:
-    x = _number(value)
-    if not 0 <= x <= 1:
-        raise _Invalid(f"must be in [0, 1], got {value!r}")
-    return x
-
-
-def _non_negative(value: object) -> float:
-    x = _number(value)
-    if not (math.isfinite(x) and x >= 0):
-        raise _Invalid(f"must be finite and >= 0, got {value!r}")
-    return x
-
-
-def _positive_int(value: object) -> int:
-    x = _number(value)
-    if not (x.is_integer() and x >= 1):
-        raise _Invalid(f"must be a whole number >= 1, got {value!r}")
-    return int(x)
-
-
-_PARSERS: dict[str, Callable[[object], object]] = {
-    "bandit": _bandit,
-    "gamma": _unit_interval,
-    "eta": _non_negative,
-    "max_clusters": _positive_int,
-    "diversity": _non_negative,
-    "memory_size": _positive_int,
-    "chunk": _positive_int,
-    "keep_ratio": _keep_ratio,
-    "selector": _selector,
-    "beta": _non_negative,
-    "learner_loss": _learner_loss,
-    "prune_ratio": _prune_ratio,
-    "anneal_fraction": _anneal_fraction,
-    "learner": _learner,
-    "learner_kwargs": _learner_kwargs,
-}

@@ -15,7 +15,7 @@ import numpy as np
 
 from loader.selection.diversity import EmbeddingMemory, select_diverse
 from loader.selection.infobatch import prune
-from loader.selection.options import SelectionOptions, split_policy, super_batch_size
+from loader.selection.options import SelectionOptions, parse_options, split_policy, super_batch_size
 from loader.selection.scores import easy_reference, learnability
 from loader.selection.selectors import get_selector
 from loader.selection.weights import importance_weights
@@ -227,9 +227,8 @@ def make_policy(name: str, options: SelectionOptions = SelectionOptions()) -> Po
 
 def resolve(name: str, values: dict, key: str, base: SelectionOptions) -> SelectionOptions:
     """Options of a job that asked for policy `name` with `values`: a composite name's features
-    switch their options on unless `values` sets them. Raises ValueError / ConfigError."""
-    from loader.selection.options import parse_options
-
+    switch their options on unless `values` sets them. Raises ValueError / ConfigError (the
+    latter naming `key.option`, from the options schema in loader.selection.options)."""
     policy, feature_defaults = split_policy(name)
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; known: {', '.join(sorted(POLICIES))}")

@@ -35,6 +35,8 @@ def fill_missing(values: npt.ArrayLike, fallback: npt.ArrayLike) -> np.ndarray:
     """
     v = _floats(values, "values")
     fb = np.asarray(fallback, dtype=np.float64)
+    if fb.ndim and fb.shape != v.shape:  # broadcasting would hide a fallback for other ids
+        raise ValueError(f"fallback has shape {fb.shape}, values {v.shape}: expected a scalar or one per value")
     fb = np.where(np.isnan(fb), 0.0, fb)
     return np.where(np.isnan(v), fb, v)
 

@@ -5,32 +5,16 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-import uuid
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from loader.files import atomic_file
 from loader.tensors import to_arrow
 
 Value = np.ndarray | int | str
-
-
-@contextmanager
-def _atomic(path: str) -> Iterator[str]:
-    """Yield a sibling temp path, renamed over `path` only if the block succeeds.
-
-    Readers (and a crash mid-write) never see a half-written shard under the final name.
-    """
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _encode(value: Value) -> tuple[str, bytes]:
@@ -59,7 +43,7 @@ def _member(name: str, payload: bytes) -> tarfile.TarInfo:
 
 def write_tar(path: str, samples: Iterable[dict[str, Value]]) -> None:
     """One sample per dict; an optional `__key__` entry overrides the key `f"{i:09d}"`."""
-    with _atomic(path) as tmp, tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    with atomic_file(path) as tmp, tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for index, sample in enumerate(samples):
             key = str(sample.get("__key__", f"{index:09d}"))
             if "." in os.path.basename(key):
@@ -75,6 +59,6 @@ def write_tar(path: str, samples: Iterable[dict[str, Value]]) -> None:
 
 def write_parquet(path: str, columns: dict[str, np.ndarray]) -> None:
     table = pa.table({name: to_arrow(values) for name, values in columns.items()})
-    with _atomic(path) as tmp:
+    with atomic_file(path) as tmp:
         # Page checksums let readers tell a corrupted page from data.
         pq.write_table(table, tmp, write_page_checksum=True)

@@ -135,7 +135,7 @@ class ShardInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., uri: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job", "policy", "world_size", "batch_size", "epoch", "batches_served", "samples_served", "feedback_samples", "samples_considered", "weight_pushes", "weights_step", "options", "learner_scored_samples", "learner_scoring_seconds", "clusters", "selection_seconds", "selections", "unacked_batches")
+    __slots__ = ("job", "policy", "world_size", "batch_size", "epoch", "batches_served", "samples_served", "feedback_samples", "samples_considered", "weight_pushes", "weights_step", "options", "learner_scored_samples", "learner_scoring_seconds", "clusters", "selection_seconds", "selections", "unacked_batches", "snapshot_staleness_mean", "snapshot_staleness_max", "snapshot_staleness_batches")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,9 @@ class JobInfo(_message.Message):
     SELECTION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SELECTIONS_FIELD_NUMBER: _ClassVar[int]
     UNACKED_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_STALENESS_MEAN_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_STALENESS_MAX_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_STALENESS_BATCHES_FIELD_NUMBER: _ClassVar[int]
     job: str
     policy: str
     world_size: int
@@ -179,7 +182,10 @@ class JobInfo(_message.Message):
     selection_seconds: float
     selections: int
     unacked_batches: int
-    def __init__(self, job: _Optional[str] = ..., policy: _Optional[str] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., epoch: _Optional[int] = ..., batches_served: _Optional[int] = ..., samples_served: _Optional[int] = ..., feedback_samples: _Optional[int] = ..., samples_considered: _Optional[int] = ..., weight_pushes: _Optional[int] = ..., weights_step: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ..., learner_scored_samples: _Optional[int] = ..., learner_scoring_seconds: _Optional[float] = ..., clusters: _Optional[_Iterable[_Union[ClusterInfo, _Mapping]]] = ..., selection_seconds: _Optional[float] = ..., selections: _Optional[int] = ..., unacked_batches: _Optional[int] = ...) -> None: ...
+    snapshot_staleness_mean: float
+    snapshot_staleness_max: int
+    snapshot_staleness_batches: int
+    def __init__(self, job: _Optional[str] = ..., policy: _Optional[str] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., epoch: _Optional[int] = ..., batches_served: _Optional[int] = ..., samples_served: _Optional[int] = ..., feedback_samples: _Optional[int] = ..., samples_considered: _Optional[int] = ..., weight_pushes: _Optional[int] = ..., weights_step: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ..., learner_scored_samples: _Optional[int] = ..., learner_scoring_seconds: _Optional[float] = ..., clusters: _Optional[_Iterable[_Union[ClusterInfo, _Mapping]]] = ..., selection_seconds: _Optional[float] = ..., selections: _Optional[int] = ..., unacked_batches: _Optional[int] = ..., snapshot_staleness_mean: _Optional[float] = ..., snapshot_staleness_max: _Optional[int] = ..., snapshot_staleness_batches: _Optional[int] = ...) -> None: ...
 
 class ClusterInfo(_message.Message):
     __slots__ = ("id", "size", "weight", "reward", "served", "reference_loss")

@@ -1,0 +1,188 @@
+"""The Selector of one job: what it knows of the pool, and how it chooses a batch from candidates.
+
+It owns the policy, the per-sample metadata (`PoolIndex`: reference scores, reported learner
+losses, cluster ids), the clusterer, the bandit whose quotas shape each super-batch draw, and the
+memory of served embeddings. No Ray and no delivery here: epochs and streams both ask it the same
+question, `select(candidates, learner_loss) -> (kept ids, weights)`.
+
+State follows the project's one contract: `get_state()` gives flat numpy arrays, and
+`reset(state=None)` builds the Selector afresh or, given a state, as it was when it was saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from loader.pool import PoolIndex, UnknownSamples
+from loader.selection.bandit import get_bandit, reward_from_feedback
+from loader.selection.diversity import EmbeddingMemory
+from loader.selection.options import SelectionOptions, keep_count
+from loader.selection.policies import make_policy
+from loader.selection.scores import fill_missing
+
+
+@dataclasses.dataclass
+class Selection:
+    """One batch chosen from a super-batch: positions into the candidates (ascending), their ids
+    and their weights, in that order."""
+
+    picks: np.ndarray
+    kept: np.ndarray
+    weights: np.ndarray
+
+
+class Selector:
+    def __init__(self, policy: str, options: SelectionOptions, batch_size: int, seed: int) -> None:
+        self.options, self.batch_size, self.seed = options, batch_size, seed
+        self.policy = make_policy(policy, options)
+        self.super_batch = self.policy.super_batch(batch_size)
+        # Snapshot mode gets learner losses from a scorer, asynchronously, per super-batch.
+        self.needs_snapshot = self.policy.needs_learner and options.learner_loss == "snapshot"
+        self.needs_scores = self.policy.needs_reference or options.needs_embeddings
+        self.reset()
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def reset(self, state: dict[str, np.ndarray] | None = None) -> None:
+        """Fresh (state None) or as saved by `get_state`, for a Selector built with the same
+        arguments. One path, so a restored Selector is built exactly like a new one."""
+        parts: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in (state or {}).items():
+            part, _, name = key.partition(".")
+            if name:
+                parts.setdefault(part, {})[name] = value
+        options = self.options
+        self.pool = PoolIndex.from_state(parts["pool"]) if "pool" in parts else PoolIndex()
+        self.clusters = self.bandit = self.memory = None
+        if options.bandit != "none":
+            from loader.selection.clusters import OnlineClusters  # scikit-learn: only when used
+
+            if "clusters" in parts:
+                self.clusters = OnlineClusters.from_state(parts["clusters"])
+            else:
+                # Warm start with up to 8 clusters (as OnlineClusters does), never more than the cap.
+                init = min(8, options.max_clusters)
+                self.clusters = OnlineClusters(max_clusters=options.max_clusters, init_clusters=init, seed=self.seed)
+            arms = get_bandit(options.bandit)
+            self.bandit = arms.from_state(parts["bandit"]) if "bandit" in parts else arms(
+                gamma=options.gamma, eta=options.eta, seed=self.seed
+            )
+        if options.diversity > 0:
+            self.memory = EmbeddingMemory.from_state(parts["memory"]) if "memory" in parts else EmbeddingMemory(options.memory_size)
+        state = state or {}
+        self.served_per_cluster = np.asarray(state.get("served_per_cluster", np.zeros(0, np.int64)), np.int64)
+        self.selections = int(state.get("selections", 0))
+        self.seconds = float(state.get("selection_seconds", 0.0))
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        parts = {"pool": self.pool.get_state()}
+        for name in ("clusters", "bandit", "memory"):
+            if getattr(self, name) is not None:
+                parts[name] = getattr(self, name).get_state()
+        state = {f"{part}.{key}": value for part, values in parts.items() for key, value in values.items()}
+        state["served_per_cluster"] = self.served_per_cluster.copy()
+        state["selections"] = np.array(self.selections, np.int64)
+        state["selection_seconds"] = np.array(self.seconds, np.float64)
+        return state
+
+    # -- what a shard brings ---------------------------------------------------------------------
+
+    def add_shard(self, index: int, rows: int, scores: tuple[np.ndarray, np.ndarray] | None) -> str:
+        """Registers a shard's rows and reference scores; why it cannot be used, or ''. Shards
+        must come in one fixed order: cluster assignment learns from each shard it sees."""
+        if self.needs_scores and scores is None and not self.pool.has_scores(index):
+            return "no reference scores for this shard"
+        self.pool.ensure_shard(index, rows)
+        if scores is not None and not self.pool.has_scores(index):
+            self.pool.set_scores(index, *scores)
+            # Ids restored from a checkpoint stay: re-assigning would move them and the centroids.
+            if self.clusters is not None and not self.pool.has_clusters(index):
+                self.pool.set_clusters(index, self.clusters.assign(scores[1]))
+        return ""
+
+    # -- the buffer draw: a ClusteredShuffleBuffer asks these ------------------------------------
+
+    @property
+    def draws_by_cluster(self) -> bool:
+        return self.bandit is not None
+
+    def cluster_of(self, ids: np.ndarray) -> np.ndarray:
+        return self.pool.cluster_of(ids)
+
+    def quotas(self, k: int, counts: np.ndarray) -> np.ndarray:
+        return self.bandit.quotas(k, counts)
+
+    # -- choosing --------------------------------------------------------------------------------
+
+    def select(
+        self, ids: np.ndarray, learner_loss: np.ndarray | None, rng: np.random.Generator, progress: float | None
+    ) -> Selection:
+        """Chooses the batch from the candidates `ids`. `learner_loss` is per candidate (snapshot
+        mode) or None: reported losses, else their cluster's running mean, are used when the policy needs them."""
+        started = time.perf_counter()
+        ref_loss = self.pool.reference_loss(ids) if self.policy.needs_reference else None
+        if self.policy.needs_learner and learner_loss is None:
+            learner_loss = fill_missing(self.pool.learner_loss(ids), self.pool.fallback_learner_loss(ids))
+        k = keep_count(len(ids), self.super_batch, self.batch_size)
+        embeddings = self.pool.embedding(ids) if self.memory is not None else None
+        picks, weights = self.policy.select(
+            k, ref_loss=ref_loss, learner_loss=learner_loss, n=len(ids), rng=rng, progress=progress,
+            embeddings=embeddings, memory=self.memory,
+        )  # fmt: skip
+        # Rows leave in candidate order, so each is copied once, straight from its shard table.
+        order = np.argsort(picks, kind="stable")
+        picks, weights = np.asarray(picks)[order], np.asarray(weights, np.float32)[order]
+        kept = ids[picks]
+        if self.memory is not None:
+            self.memory.add(embeddings[picks])
+        if self.clusters is not None:
+            served = np.bincount(self.pool.cluster_of(kept), minlength=self.clusters.num_clusters)
+            self.served_per_cluster = _add_padded(self.served_per_cluster, served)
+        self.seconds += time.perf_counter() - started
+        self.selections += 1
+        return Selection(picks, kept, weights)
+
+    # -- what trainers report --------------------------------------------------------------------
+
+    def feedback(self, ids: np.ndarray, losses: np.ndarray) -> str:
+        """Stores reported losses; returns why they were rejected, or ''. Rejection changes nothing."""
+        try:
+            self.pool.record_losses(ids, losses)
+        except (ValueError, UnknownSamples) as exc:
+            return str(exc)
+        if self.bandit is not None:
+            ids = np.asarray(ids, dtype=np.int64)
+            clusters = self.pool.cluster_of(ids)
+            known = clusters >= 0
+            if known.any():
+                self.bandit.update(*reward_from_feedback(clusters[known], np.asarray(losses)[known],
+                                                         self.pool.reference_loss(ids[known])))  # fmt: skip
+        return ""
+
+    def cluster_stats(self) -> list[dict]:
+        """Per cluster: pool members, bandit weight, its reward estimate, batches' samples served."""
+        if self.clusters is None:
+            return []
+        sizes, ref_loss = self.pool.cluster_sizes()
+        k = max(len(sizes), self.bandit.num_arms, len(self.served_per_cluster))
+        weights, rewards = _pad(self.bandit.weights, k), _pad(self.bandit.reward_estimates, k)
+        sizes, ref_loss, served = _pad(sizes, k), _pad(ref_loss, k), _pad(self.served_per_cluster, k)
+        return [
+            {"id": c, "size": int(sizes[c]), "weight": float(weights[c]), "reward": float(rewards[c]),
+             "served": int(served[c]), "reference_loss": float(ref_loss[c])}
+            for c in range(k)
+        ]  # fmt: skip
+
+
+def _pad(values: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n, dtype=np.asarray(values).dtype if len(values) else np.float64)
+    out[: len(values)] = values
+    return out
+
+
+def _add_padded(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    n = max(len(a), len(b))
+    return _pad(a, n) + _pad(b, n)
