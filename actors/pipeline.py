@@ -195,11 +195,13 @@ class Pipeline:
         return step
 
     async def stats(self, job: str = "") -> dict:
-        names = [name for name in self._jobs if not job or name == job]
-        jobs = await asyncio.gather(*(self._jobs[name].stats() for name in names))
+        # Handles taken now: a job released while this awaits is still reported as it was.
+        handles = [handle for name, handle in self._jobs.items() if not job or name == job]
+        jobs = await asyncio.gather(*(handle.stats() for handle in handles))
         scorers = await asyncio.gather(*(s.stats.remote() for s in self._scorers))
-        for name, info in zip(names, jobs):
-            info["weight_pushes"], info["weights_step"] = self._jobs[name].pushes, self._jobs[name].weights_step
+        for handle, info in zip(handles, jobs):
+            name = handle.spec.job
+            info["weight_pushes"], info["weights_step"] = handle.pushes, handle.weights_step
             costs = [s["learner"][name] for s in scorers if name in s["learner"]]
             info["learner_scored_samples"] = sum(c[0] for c in costs)
             info["learner_scoring_seconds"] = sum(c[1] for c in costs)
