@@ -114,13 +114,12 @@ def learner(seed: int) -> torch.nn.Module:
     return mlp(**LEARNER)
 
 
-def scorer_learner_losses(service, job: str, table: pa.Table) -> tuple[np.ndarray, int | None]:
-    """The job's learner losses on `table`, computed by the one scorer holding its snapshot (the
-    others hold none and answer None), with the snapshot's step where the scorer reports it."""
+def scorer_learner_losses(service, job: str, table: pa.Table) -> tuple[np.ndarray, int]:
+    """The job's learner losses on `table` and the step of the snapshot that computed them, from
+    the one scorer holding its snapshot (any other answers (None, -1))."""
     answers = ray.get([s.learner_loss.remote(job, table) for s in service.pipeline.actors()["scorers"]],
                       timeout=LOADER_TIMEOUT_S)  # fmt: skip
-    answers = [a if isinstance(a, tuple) else (a, None) for a in answers]
-    held = [a for a in answers if a[0] is not None]
+    held = [(losses, step) for losses, step in answers if losses is not None]
     assert len(held) == 1, f"{len(held)} scorers hold a snapshot of {job!r}"
     return held[0]
 
@@ -144,7 +143,7 @@ def test_pushed_weights_larger_than_a_chunk_arrive_whole(service, shards):
             losses, held_step = scorer_learner_losses(service, "push", table)
             # Every tensor arrived, every byte in place: the scorer's learner is this model...
             np.testing.assert_allclose(losses, learner_losses(model, inputs, labels), rtol=1e-5, atol=1e-6)
-            assert held_step in (None, step)
+            assert held_step == step
         # ...and no longer the one pushed before it (the two differ on these rows).
         assert not np.allclose(losses, learner_losses(learner(1), inputs, labels), rtol=1e-3)
         job = loader.stats().jobs[0]
