@@ -77,6 +77,8 @@ class Settings:
     shuffle_rows: int = 1024
     ready_batches: int = 1
     prefetch_shards: int = 1
+    # Batches per rank the service chooses ahead of a request (its `select_ahead`).
+    select_ahead: int = 2
     # RemoteLoader credits: batches in flight between service and trainer.
     prefetch: int = 1
     # Whether learnability and easy_reference runs multiply losses by the served `_weight`: 1
@@ -258,7 +260,8 @@ def train_run(address: str, job: str, run: Run, s: Settings, seed: int, n_train:
     print(
         f"{job:32s} best {curve.best:.3f} final {curve.final:.3f} trainer {curve.trainer_seconds:5.1f} s "
         f"wall {curve.wall_seconds:5.1f} s epochs {curve.epochs} served {mine.samples_served} "
-        f"considered {mine.samples_considered} snapshot-scored {mine.learner_scored_samples}",
+        f"considered {mine.samples_considered} snapshot-scored {mine.learner_scored_samples} "
+        f"staleness mean {mine.snapshot_staleness_mean:.2f} max {mine.snapshot_staleness_max}",
         flush=True,
     )
     return {
@@ -399,7 +402,7 @@ def render(s: Settings, info: dict, payload: dict, table: str, png: str) -> str:
         f"- curated: keep_ratio {s.keep_ratio}; learnability selector {learnability}; easy_reference selector "
         f"{easy}; snapshot pushed every {s.push_every} step(s); loss (InfoBatch) keep_ratio "
         f"{s.loss_keep_ratio or s.keep_ratio}, prune_ratio 0.5\n"
-        f"- service: shuffle_rows {s.shuffle_rows}, ready_batches {s.ready_batches}, prefetch_shards "
+        f"- service: shuffle_rows {s.shuffle_rows}, ready_batches {s.ready_batches}, select_ahead {s.select_ahead}, prefetch_shards "
         f"{s.prefetch_shards}; trainer prefetch {s.prefetch}\n"
         f"- target: {payload['target_accuracy']:.3f}, the best test accuracy every uniform seed reaches; speed-up = "
         f"uniform's mean steps to it / the run's (a seed that never gets there counts as the budget, marked ≤); "

@@ -122,6 +122,7 @@ def service(shards: list[str], s, reference_weights: str | None = None):
         "shuffle_rows": s.shuffle_rows,
         "ready_batches": s.ready_batches,
         "prefetch_shards": s.prefetch_shards,
+        "select_ahead": s.select_ahead,
         "log_level": "WARNING",
     }
     if reference_weights:

@@ -19,6 +19,14 @@ class UnknownSamples(ValueError):
 
 class PoolIndex:
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self, state: dict[str, np.ndarray] | None = None) -> None:
+        """Empty (state None) or as saved by `get_state`. Reference scores and embeddings are not
+        state (the scorers keep them), so they are gone either way until `set_scores` again.
+
+        A state written by an older version may hold "reported" (per-sample report counts,
+        never read) and lack the per-cluster averages: both are fine."""
         # shard index -> learner loss per row (NaN: never reported)
         self._learner_loss: dict[int, np.ndarray] = {}
         # shard index -> reference loss per row and embedding rows (float16 halves their memory;
@@ -38,6 +46,22 @@ class PoolIndex:
         # ratio weighs every sample alike within a report and recent reports more.
         self._cluster_loss_sum = np.zeros(0)
         self._cluster_loss_count = np.zeros(0)
+        if state is None:
+            return
+        bounds = np.concatenate([[0], np.cumsum(state["rows"])])
+        if bounds[-1] != len(state["learner_loss"]) or len(state["cluster"]) != bounds[-1]:
+            raise ValueError(f"inconsistent pool state: {bounds[-1]} rows but {len(state['learner_loss'])} losses")
+        for i, shard in enumerate(state["shards"].tolist()):
+            part = slice(bounds[i], bounds[i + 1])
+            self._learner_loss[shard] = state["learner_loss"][part].astype(np.float32)
+            if state["clustered"][i]:
+                self._cluster[shard] = state["cluster"][part].astype(np.int32)
+        self._unseen_loss = float(state["unseen_loss"])
+        self._cluster_loss_sum = np.array(state.get("cluster_loss_sum", np.zeros(0)), np.float64)
+        self._cluster_loss_count = np.array(state.get("cluster_loss_count", np.zeros(0)), np.float64)
+        if self._cluster_loss_sum.shape != self._cluster_loss_count.shape:
+            raise ValueError("inconsistent pool state: per-cluster loss sums and counts differ in length")
+        self.feedback_samples = int(state["feedback_samples"])
 
     def ensure_shard(self, shard_index: int, rows: int) -> None:
         if shard_index not in self._learner_loss or len(self._learner_loss[shard_index]) != rows:
@@ -193,27 +217,6 @@ class PoolIndex:
             "cluster_loss_count": self._cluster_loss_count.copy(),
             "feedback_samples": np.array(self.feedback_samples, np.int64),
         }
-
-    @classmethod
-    def from_state(cls, state: dict[str, np.ndarray]) -> "PoolIndex":
-        """The inverse of get_state. A state written by an older version may hold "reported"
-        (per-sample report counts, never read) and lack the per-cluster averages: both are fine."""
-        pool = cls()
-        bounds = np.concatenate([[0], np.cumsum(state["rows"])])
-        if bounds[-1] != len(state["learner_loss"]) or len(state["cluster"]) != bounds[-1]:
-            raise ValueError(f"inconsistent pool state: {bounds[-1]} rows but {len(state['learner_loss'])} losses")
-        for i, shard in enumerate(state["shards"].tolist()):
-            part = slice(bounds[i], bounds[i + 1])
-            pool._learner_loss[shard] = state["learner_loss"][part].astype(np.float32)
-            if state["clustered"][i]:
-                pool._cluster[shard] = state["cluster"][part].astype(np.int32)
-        pool._unseen_loss = float(state["unseen_loss"])
-        pool._cluster_loss_sum = np.asarray(state.get("cluster_loss_sum", np.zeros(0)), np.float64)
-        pool._cluster_loss_count = np.asarray(state.get("cluster_loss_count", np.zeros(0)), np.float64)
-        if pool._cluster_loss_sum.shape != pool._cluster_loss_count.shape:
-            raise ValueError("inconsistent pool state: per-cluster loss sums and counts differ in length")
-        pool.feedback_samples = int(state["feedback_samples"])
-        return pool
 
 
 def _padded(values: np.ndarray, n: int) -> np.ndarray:

@@ -112,7 +112,8 @@ def test_state_round_trip(tmp_path) -> None:
     clusters.assign(np.vstack([_blob(rng, centres[i], 40) for i in range(6)]))
     np.savez(tmp_path / "c.npz", **clusters.get_state())
     with np.load(tmp_path / "c.npz") as saved:
-        restored = OnlineClusters.from_state(dict(saved))
+        restored = OnlineClusters(max_clusters=10, init_clusters=3, seed=7)
+        restored.reset(dict(saved))
     probe = rng.normal(size=(2000, D))
     np.testing.assert_array_equal(restored.predict(probe), clusters.predict(probe))
     for key, value in clusters.get_state().items():
@@ -121,7 +122,8 @@ def test_state_round_trip(tmp_path) -> None:
     more = np.vstack([_blob(rng, centres[i], 30) for i in range(6)])
     np.testing.assert_array_equal(restored.assign(more), clusters.assign(more))
     np.testing.assert_allclose(restored.centroids, clusters.centroids, atol=1e-6)
-    fresh = OnlineClusters.from_state(OnlineClusters().get_state())
+    fresh = OnlineClusters()
+    fresh.reset(OnlineClusters().get_state())
     assert fresh.num_clusters == 0
 
 

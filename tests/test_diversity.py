@@ -57,13 +57,16 @@ def test_memory_state_round_trip(tmp_path) -> None:
     memory.add(rng.normal(size=(33, 8)))
     np.savez(tmp_path / "m.npz", **memory.get_state())
     with np.load(tmp_path / "m.npz") as saved:
-        restored = EmbeddingMemory.from_state(dict(saved))
+        restored = EmbeddingMemory(20)
+        restored.reset(dict(saved))
     np.testing.assert_array_equal(restored.contents(), memory.contents())
     more = rng.normal(size=(7, 8))
     memory.add(more)
     restored.add(more)
     np.testing.assert_array_equal(restored.contents(), memory.contents())
-    assert len(EmbeddingMemory.from_state(EmbeddingMemory(5).get_state())) == 0
+    empty = EmbeddingMemory(5)
+    empty.reset(EmbeddingMemory(5).get_state())
+    assert len(empty) == 0
 
 
 @pytest.mark.parametrize("name", sorted(SELECTORS))

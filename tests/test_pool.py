@@ -200,13 +200,15 @@ def test_the_fallback_survives_a_restart_and_old_states_still_load() -> None:
     p.record_losses(ids[[0, 3, 6]], np.array([1.0, 4.0, 2.0]))
     state = p.get_state()
     assert "reported" not in state
-    restored = PoolIndex.from_state(state)
+    restored = PoolIndex()
+    restored.reset(state)
     np.testing.assert_array_equal(restored.fallback_learner_loss(ids), p.fallback_learner_loss(ids))
     # A state saved before the per-cluster averages existed, with the per-sample report counts
     # that were kept then: it loads, and the pool's value stands in for every cluster.
     old = {k: v for k, v in state.items() if not k.startswith("cluster_loss")}
     old["reported"] = np.ones(len(state["learner_loss"]), np.uint32)
-    restored = PoolIndex.from_state(old)
+    restored = PoolIndex()
+    restored.reset(old)
     np.testing.assert_array_equal(restored.learner_loss(ids), p.learner_loss(ids))
     np.testing.assert_allclose(restored.fallback_learner_loss(ids), p.unseen_learner_loss())
 

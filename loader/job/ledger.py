@@ -53,6 +53,13 @@ NO_SNAPSHOT = -1
 class Ledger:
     def __init__(self, world_size: int) -> None:
         self.world_size = world_size
+        self.reset()
+
+    def reset(self, state: dict[str, np.ndarray] | None = None) -> None:
+        """An empty epoch (state None) or as saved by `get_state`, for the same world size.
+
+        Payloads are not state: a restored batch is looked up as `Materialize`, to be re-read from
+        its ids. Nor is `error`, which belongs to the run that failed."""
         self.ids: list[np.ndarray] = []
         self.weights: list[np.ndarray] = []
         self._payloads: dict[int, bytes] = {}
@@ -65,6 +72,34 @@ class Ledger:
         self.error = ""
         # No batch will be added: lookups past the end get EndOfEpoch.
         self.closed = False
+        if state is None:
+            return
+        rows = np.asarray(state["rows"], np.int64)
+        bounds = np.concatenate([[0], np.cumsum(rows)])
+        if not (len(state["ids"]) == len(state["weights"]) == bounds[-1] and len(state["snapshot_steps"]) == len(rows)):
+            raise ValueError(f"inconsistent ledger state: {len(rows)} batches of {bounds[-1]} rows in all")
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            self.ids.append(np.array(state["ids"][a:b], np.int64))
+            self.weights.append(np.array(state["weights"][a:b], np.float32))
+        self._snapshot_steps = [int(step) for step in state["snapshot_steps"]]
+        self.acked = dict(zip(state["acked_ranks"].tolist(), state["acked_seqs"].tolist()))
+        self.wanted = int(state["wanted"])
+        self.closed = bool(state["closed"])
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """Every batch's ids and weights (flat, with each batch's length), acknowledgements, how
+        far ranks have asked, and whether the epoch is closed."""
+        return {
+            "rows": np.array([len(ids) for ids in self.ids], np.int64),
+            "ids": np.concatenate(self.ids or [np.zeros(0, np.int64)]),
+            "weights": np.concatenate(self.weights or [np.zeros(0, np.float32)]),
+            "snapshot_steps": np.array(self._snapshot_steps, np.int64),
+            # Ranks in the order they first acknowledged, so the restored dict is the same too.
+            "acked_ranks": np.array(list(self.acked), np.int64),
+            "acked_seqs": np.array(list(self.acked.values()), np.int64),
+            "wanted": np.array(self.wanted, np.int64),
+            "closed": np.array(self.closed),
+        }
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -33,6 +33,7 @@ class ArmPolicy(Protocol):
     @property
     def weights(self) -> np.ndarray: ...
     def get_state(self) -> dict[str, np.ndarray]: ...
+    def reset(self, state: dict[str, np.ndarray] | None = None) -> None: ...
 
 
 def reward_from_feedback(
@@ -101,10 +102,15 @@ class _RewardScale:
     """
 
     def __init__(self, decay: float = 0.99) -> None:
-        self.decay = decay
-        self.m1 = 0.0
-        self.m2 = 0.0
-        self.weight = 0.0
+        self.decay = float(decay)
+        self.reset()
+
+    def reset(self, state: dict[str, np.ndarray] | None = None) -> None:
+        """No rewards seen (state None) or as saved by `get_state`, for the same decay."""
+        self.m1 = self.m2 = self.weight = 0.0
+        if state is not None:
+            _check_arguments(state, {"scale_decay": self.decay})
+            self.m1, self.m2, self.weight = (float(state[k]) for k in ("scale_m1", "scale_m2", "scale_weight"))
 
     def normalise(self, rewards: np.ndarray) -> np.ndarray:
         d = self.decay
@@ -118,19 +124,13 @@ class _RewardScale:
             return np.zeros_like(rewards)
         return np.clip((rewards - mean) / (2 * std), -1.0, 1.0)
 
-    def state(self) -> dict[str, np.ndarray]:
+    def get_state(self) -> dict[str, np.ndarray]:
         return {
             "scale_decay": np.array(self.decay, np.float64),
             "scale_m1": np.array(self.m1, np.float64),
             "scale_m2": np.array(self.m2, np.float64),
             "scale_weight": np.array(self.weight, np.float64),
         }
-
-    @classmethod
-    def from_state(cls, state: dict[str, np.ndarray]) -> _RewardScale:
-        scale = cls(float(state["scale_decay"]))
-        scale.m1, scale.m2, scale.weight = (float(state[k]) for k in ("scale_m1", "scale_m2", "scale_weight"))
-        return scale
 
 
 class _SoftmaxArms:
@@ -146,11 +146,30 @@ class _SoftmaxArms:
             raise ValueError(f"eta must be finite and >= 0, got {eta!r}")
         self.gamma = float(gamma)
         self.eta = float(eta)
-        # Both bandits here are deterministic; kept so every bandit is built the same way.
+        # Both bandits here are deterministic (no random generator, so none in the state); kept
+        # so every bandit is built the same way.
         self.seed = int(seed)
         self._scale = _RewardScale()
+        # Each bandit's constructor ends with reset(), once its own arguments are set.
+
+    def reset(self, state: dict[str, np.ndarray] | None = None) -> None:
+        """No arms (state None) or as saved by `get_state`, for a bandit built with the same
+        arguments (which the state repeats, and which are checked: scores learned under one η
+        or smoothing mean something else under another)."""
+        if state is not None:
+            _check_arguments(state, self._arguments())
+        self._scale.reset(state)
         # π relative to uniform (K · π_i) when arm i was last drawn; NaN: never drawn.
-        self._last_share = np.zeros(0)
+        self._last_share = np.zeros(0) if state is None else np.array(state["last_share"], np.float64)
+        self._reset_arms(state)
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        return {
+            **self._arguments(),
+            "last_share": self._last_share.copy(),
+            **self._scale.get_state(),
+            **self._arm_state(),
+        }
 
     @property
     def num_arms(self) -> int:
@@ -251,20 +270,21 @@ class _SoftmaxArms:
             self._last_share = np.concatenate([self._last_share, np.full(extra, np.nan)])
             self._add_arms(extra)
 
-    def _base_state(self) -> dict[str, np.ndarray]:
+    def _arguments(self) -> dict[str, np.ndarray]:
+        """The constructor's arguments, as the state stores them; bandits add their own."""
         return {
             "gamma": np.array(self.gamma, np.float64),
             "eta": np.array(self.eta, np.float64),
             "seed": np.array(self.seed, np.int64),
-            "last_share": self._last_share.copy(),
-            **self._scale.state(),
         }
 
-    def _restore(self, state: dict[str, np.ndarray]) -> None:
-        self._scale = _RewardScale.from_state(state)
-        self._last_share = np.asarray(state["last_share"], np.float64).copy()
-
     # Per bandit:
+    def _reset_arms(self, state: dict[str, np.ndarray] | None) -> None:
+        raise NotImplementedError
+
+    def _arm_state(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
     def _scores(self, ids: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
@@ -291,7 +311,7 @@ class Exp3Arms(_SoftmaxArms):
         if not 0 <= smoothing < 1:
             raise ValueError(f"smoothing must be in [0, 1), got {smoothing!r}")
         self.smoothing = float(smoothing)
-        self._value = np.zeros(0)
+        self.reset()
 
     def _scores(self, ids: np.ndarray) -> np.ndarray:
         return self._value[ids]
@@ -309,19 +329,14 @@ class Exp3Arms(_SoftmaxArms):
         start = self._value.mean() if len(self._value) else 0.0
         self._value = np.concatenate([self._value, np.full(extra, start)])
 
-    def get_state(self) -> dict[str, np.ndarray]:
-        return {
-            **self._base_state(),
-            "smoothing": np.array(self.smoothing, np.float64),
-            "value": self._value.copy(),
-        }
+    def _arguments(self) -> dict[str, np.ndarray]:
+        return {**super()._arguments(), "smoothing": np.array(self.smoothing, np.float64)}
 
-    @classmethod
-    def from_state(cls, state: dict[str, np.ndarray]) -> Exp3Arms:
-        arms = cls(float(state["gamma"]), float(state["eta"]), int(state["seed"]), float(state["smoothing"]))
-        arms._restore(state)
-        arms._value = np.asarray(state["value"], np.float64).copy()
-        return arms
+    def _reset_arms(self, state: dict[str, np.ndarray] | None) -> None:
+        self._value = np.zeros(0) if state is None else np.array(state["value"], np.float64)
+
+    def _arm_state(self) -> dict[str, np.ndarray]:
+        return {"value": self._value.copy()}
 
 
 class UcbArms(_SoftmaxArms):
@@ -352,8 +367,7 @@ class UcbArms(_SoftmaxArms):
             raise ValueError(f"discount must be in (0, 1], got {discount!r}")
         self.exploration = float(exploration)
         self.discount = float(discount)
-        self._sum = np.zeros(0)
-        self._count = np.zeros(0)
+        self.reset()
 
     def _scores(self, ids: np.ndarray) -> np.ndarray:
         n = self._count[ids]
@@ -371,28 +385,19 @@ class UcbArms(_SoftmaxArms):
         self._sum = np.concatenate([self._sum, np.zeros(extra)])
         self._count = np.concatenate([self._count, np.zeros(extra)])
 
-    def get_state(self) -> dict[str, np.ndarray]:
+    def _arguments(self) -> dict[str, np.ndarray]:
         return {
-            **self._base_state(),
+            **super()._arguments(),
             "exploration": np.array(self.exploration, np.float64),
             "discount": np.array(self.discount, np.float64),
-            "sum": self._sum.copy(),
-            "count": self._count.copy(),
         }
 
-    @classmethod
-    def from_state(cls, state: dict[str, np.ndarray]) -> UcbArms:
-        arms = cls(
-            float(state["gamma"]),
-            float(state["eta"]),
-            int(state["seed"]),
-            float(state["exploration"]),
-            float(state["discount"]),
-        )
-        arms._restore(state)
-        arms._sum = np.asarray(state["sum"], np.float64).copy()
-        arms._count = np.asarray(state["count"], np.float64).copy()
-        return arms
+    def _reset_arms(self, state: dict[str, np.ndarray] | None) -> None:
+        self._sum = np.zeros(0) if state is None else np.array(state["sum"], np.float64)
+        self._count = np.zeros(0) if state is None else np.array(state["count"], np.float64)
+
+    def _arm_state(self) -> dict[str, np.ndarray]:
+        return {"sum": self._sum.copy(), "count": self._count.copy()}
 
 
 BANDITS: dict[str, type[Exp3Arms] | type[UcbArms]] = {"exp3": Exp3Arms, "ucb": UcbArms}
@@ -403,6 +408,12 @@ def get_bandit(name: str) -> type[Exp3Arms] | type[UcbArms]:
         return BANDITS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown bandit {name!r}; known: {', '.join(sorted(BANDITS))}") from None
+
+
+def _check_arguments(state: dict[str, np.ndarray], arguments: dict[str, object]) -> None:
+    for key, value in arguments.items():
+        if not np.array_equal(state[key], value):
+            raise ValueError(f"state saved with {key}={state[key]}, this bandit has {value}")
 
 
 def _arm_ids(ids: np.ndarray, name: str) -> np.ndarray:

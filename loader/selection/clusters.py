@@ -111,6 +111,12 @@ class OnlineClusters:
         self.new_cluster_distance = None if new_cluster_distance is None else float(new_cluster_distance)
         self.batch_size = int(batch_size)
         self.seed = int(seed)
+        self.reset()
+
+    def reset(self, state: dict[str, np.ndarray] | None = None) -> None:
+        """No clusters (state None) or as saved by `get_state`, for clusters built with the same
+        arguments (which the state repeats, and which are checked: centroids and counts fitted
+        under one cap or batch size do not continue under another)."""
         # float64 for the model: member counts stay exact past 2**24 samples. Predictions use a
         # float32 copy, like the embeddings.
         self._centroids = np.zeros((0, 0))
@@ -119,6 +125,22 @@ class OnlineClusters:
         self._model: MiniBatchKMeans | None = None
         self._median_sum = 0.0
         self._median_weight = 0.0
+        if state is None:
+            return
+        for key, value in self._arguments().items():
+            if not np.array_equal(state[key], value, equal_nan=True):
+                raise ValueError(f"state saved with {key}={state[key]}, these clusters have {value}")
+        centroids = np.asarray(state["centroids"], np.float64)
+        counts = np.asarray(state["counts"], np.float64)
+        if centroids.ndim != 2 or counts.shape != (len(centroids),) or len(centroids) > self.max_clusters:
+            raise ValueError(f"inconsistent state: centroids {centroids.shape}, counts {counts.shape}")
+        self._median_sum = float(state["median_sum"])
+        self._median_weight = float(state["median_weight"])
+        # No random generator to save: every MiniBatchKMeans here gets the integer seed, and with
+        # reassignment off and array inits, partial_fit draws no random numbers.
+        if len(centroids):
+            with _single_threaded():
+                self._rebuild(centroids, counts)
 
     @property
     def num_clusters(self) -> int:
@@ -175,6 +197,15 @@ class OnlineClusters:
     def get_state(self) -> dict[str, np.ndarray]:
         """Everything needed to resume, as plain numpy arrays (np.savez can store it)."""
         return {
+            **self._arguments(),
+            "centroids": self._centroids.copy(),
+            "counts": self._counts.copy(),
+            "median_sum": np.array(self._median_sum, np.float64),
+            "median_weight": np.array(self._median_weight, np.float64),
+        }
+
+    def _arguments(self) -> dict[str, np.ndarray]:
+        return {
             "max_clusters": np.array(self.max_clusters, np.int64),
             "init_clusters": np.array(self.init_clusters, np.int64),
             # NaN: automatic.
@@ -183,32 +214,7 @@ class OnlineClusters:
             ),
             "batch_size": np.array(self.batch_size, np.int64),
             "seed": np.array(self.seed, np.int64),
-            "centroids": self._centroids.copy(),
-            "counts": self._counts.copy(),
-            "median_sum": np.array(self._median_sum, np.float64),
-            "median_weight": np.array(self._median_weight, np.float64),
         }
-
-    @classmethod
-    def from_state(cls, state: dict[str, np.ndarray]) -> OnlineClusters:
-        distance = float(state["new_cluster_distance"])
-        clusters = cls(
-            max_clusters=int(state["max_clusters"]),
-            init_clusters=int(state["init_clusters"]),
-            new_cluster_distance=None if math.isnan(distance) else distance,
-            batch_size=int(state["batch_size"]),
-            seed=int(state["seed"]),
-        )
-        centroids = np.asarray(state["centroids"], np.float64)
-        counts = np.asarray(state["counts"], np.float64)
-        if centroids.ndim != 2 or counts.shape != (len(centroids),) or len(centroids) > clusters.max_clusters:
-            raise ValueError(f"inconsistent state: centroids {centroids.shape}, counts {counts.shape}")
-        clusters._median_sum = float(state["median_sum"])
-        clusters._median_weight = float(state["median_weight"])
-        if len(centroids):
-            with _single_threaded():
-                clusters._rebuild(centroids, counts)
-        return clusters
 
     def _prepare(self, embeddings: npt.ArrayLike) -> np.ndarray:
         x = unit_rows(embeddings)

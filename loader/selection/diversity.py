@@ -45,9 +45,30 @@ class EmbeddingMemory:
         if dim is not None and (isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1):
             raise ValueError(f"dim must be a positive integer or None, got {dim!r}")
         self.size = int(size)
-        self._rows: np.ndarray | None = None if dim is None else np.zeros((self.size, int(dim)), np.float32)
-        self._count = 0
-        self._head = 0  # where the next row goes; once full, also the oldest row
+        self._built_dim = None if dim is None else int(dim)
+        self.reset()
+
+    def reset(self, state: dict[str, np.ndarray] | None = None) -> None:
+        """Empty (state None) or as saved by `get_state`, for a memory of the same size (and the
+        same dim, if it was given: a memory built without one takes the saved one)."""
+        dim, rows = self._built_dim, np.zeros((0, 0), np.float32)
+        if state is not None:
+            saved = int(state["dim"])  # -1: not fixed when saved
+            rows = np.asarray(state["rows"], np.float32)
+            if int(state["size"]) != self.size or (dim is not None and saved not in (-1, dim)):
+                raise ValueError(
+                    f"state of a memory of {int(state['size'])} x {saved}, this one is {self.size} x {dim}"
+                )
+            if len(rows) > self.size or (len(rows) and rows.shape != (len(rows), saved)):
+                raise ValueError(f"inconsistent state: {rows.shape} rows for a memory of {self.size} x {saved}")
+            dim = saved if saved > 0 else dim
+        self._rows: np.ndarray | None = None if dim is None else np.zeros((self.size, dim), np.float32)
+        # Stored oldest first and already unit length: written back as they are, since
+        # normalising again could move them by a rounding step.
+        if len(rows):
+            self._rows[: len(rows)] = rows
+        self._count = len(rows)
+        self._head = len(rows) % self.size  # where the next row goes; once full, also the oldest row
 
     @property
     def dim(self) -> int | None:
@@ -97,23 +118,6 @@ class EmbeddingMemory:
             "dim": np.array(self.dim or -1, np.int64),
             "rows": self.contents(),
         }
-
-    @classmethod
-    def from_state(cls, state: dict[str, np.ndarray]) -> EmbeddingMemory:
-        dim = int(state["dim"])
-        memory = cls(int(state["size"]), dim if dim > 0 else None)
-        rows = np.asarray(state["rows"], np.float32)
-        if len(rows) > memory.size or (len(rows) and (rows.ndim != 2 or (dim > 0 and rows.shape[1] != dim))):
-            raise ValueError(f"inconsistent state: {rows.shape} rows for a memory of {memory.size} x {dim}")
-        if len(rows):
-            # Stored oldest first and already unit length: written back as they are, since
-            # normalising again could move them by a rounding step.
-            if memory._rows is None:
-                memory._rows = np.zeros((memory.size, rows.shape[1]), np.float32)
-            memory._rows[: len(rows)] = rows
-            memory._count = len(rows)
-            memory._head = len(rows) % memory.size
-        return memory
 
     def _prepare(self, embeddings: npt.ArrayLike, name: str = "embeddings") -> np.ndarray:
         x = unit_rows(embeddings, name)
@@ -219,7 +223,7 @@ def select_diverse(
 def _penalty_bound(dim: int, memory: EmbeddingMemory | None) -> float:
     """An upper bound on max(0, similarity) for `select_diverse`'s candidates: 1 for unit rows,
     plus float32 rounding (about dim ulps), times the longest memory row (measured, not assumed:
-    `from_state` writes rows back as they were stored)."""
+    `reset` writes rows back as they were stored)."""
     longest = 1.0
     if memory is not None and len(memory):
         rows = memory._rows[: len(memory)]

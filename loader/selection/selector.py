@@ -55,23 +55,22 @@ class Selector:
             if name:
                 parts.setdefault(part, {})[name] = value
         options = self.options
-        self.pool = PoolIndex.from_state(parts["pool"]) if "pool" in parts else PoolIndex()
+        # Each part is built as for a new Selector, then reset to its saved part (None: fresh).
+        self.pool = PoolIndex()
+        self.pool.reset(parts.get("pool"))
         self.clusters = self.bandit = self.memory = None
         if options.bandit != "none":
             from loader.selection.clusters import OnlineClusters  # scikit-learn: only when used
 
-            if "clusters" in parts:
-                self.clusters = OnlineClusters.from_state(parts["clusters"])
-            else:
-                # Warm start with up to 8 clusters (as OnlineClusters does), never more than the cap.
-                init = min(8, options.max_clusters)
-                self.clusters = OnlineClusters(max_clusters=options.max_clusters, init_clusters=init, seed=self.seed)
-            arms = get_bandit(options.bandit)
-            self.bandit = arms.from_state(parts["bandit"]) if "bandit" in parts else arms(
-                gamma=options.gamma, eta=options.eta, seed=self.seed
-            )
+            # Warm start with up to 8 clusters (as OnlineClusters does), never more than the cap.
+            init = min(8, options.max_clusters)
+            self.clusters = OnlineClusters(max_clusters=options.max_clusters, init_clusters=init, seed=self.seed)
+            self.clusters.reset(parts.get("clusters"))
+            self.bandit = get_bandit(options.bandit)(gamma=options.gamma, eta=options.eta, seed=self.seed)
+            self.bandit.reset(parts.get("bandit"))
         if options.diversity > 0:
-            self.memory = EmbeddingMemory.from_state(parts["memory"]) if "memory" in parts else EmbeddingMemory(options.memory_size)
+            self.memory = EmbeddingMemory(options.memory_size)
+            self.memory.reset(parts.get("memory"))
         state = state or {}
         self.served_per_cluster = np.asarray(state.get("served_per_cluster", np.zeros(0, np.int64)), np.int64)
         self.selections = int(state.get("selections", 0))
@@ -83,7 +82,8 @@ class Selector:
             if getattr(self, name) is not None:
                 parts[name] = getattr(self, name).get_state()
         state = {f"{part}.{key}": value for part, values in parts.items() for key, value in values.items()}
-        state["served_per_cluster"] = self.served_per_cluster.copy()
+        # int64 as reset reads it: the running sum turns float when it starts from an empty array.
+        state["served_per_cluster"] = self.served_per_cluster.astype(np.int64)
         state["selections"] = np.array(self.selections, np.int64)
         state["selection_seconds"] = np.array(self.seconds, np.float64)
         return state
