@@ -78,7 +78,7 @@ class Settings:
     ready_batches: int = 1
     prefetch_shards: int = 1
     # Batches per rank the service chooses ahead of a request (its `select_ahead`).
-    select_ahead: int = 2
+    select_ahead: int = 0
     # RemoteLoader credits: batches in flight between service and trainer.
     prefetch: int = 1
     # Whether learnability and easy_reference runs multiply losses by the served `_weight`: 1

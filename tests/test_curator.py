@@ -22,7 +22,7 @@ from loader.registry import ShardRecord
 
 SPEC = JobSpec(job="j", batch_size=4, world_size=2, policy="uniform", seed=1)
 # No shuffle reserve beyond world_size * batch_size = 8 rows: a batch leaves once 12 rows wait.
-SETTINGS = CuratorSettings(shuffle_rows=0, ready_batches=2)
+SETTINGS = CuratorSettings(shuffle_rows=0, ready_batches=2, select_ahead=2)
 
 
 def shard(index: int, rows: int) -> pa.Table:

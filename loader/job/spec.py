@@ -34,7 +34,7 @@ class CuratorSettings:
     ready_batches: int = 16
     # How many batches beyond the one a rank asks for are chosen ahead of its request. Small on
     # purpose: a batch chosen early is chosen with older learner losses (snapshot mode).
-    select_ahead: int = 2
+    select_ahead: int = 0
     keep_epochs: int = 2
     # How often what selection has learned is written to the state folder (journals: per batch).
     checkpoint_s: float = 30.0
