@@ -102,8 +102,14 @@ def test_scores_clusters_and_bandit_survive_a_restart(restartable, pool):
     # Nothing scored twice: the restarted scorers found the scored shards' scores in state_dir.
     assert scored_before + stats.reference_scored_samples == rows_in(pool[0])
     assert after.feedback_samples >= reported
+    # Reading runs only as far ahead as choosing needs, so the restarted service reads the shards
+    # the first one had not reached: clusters keep every member they had and only gain. Clusters
+    # re-learned from scratch would move members between them.
     sizes = {c.id: c.size for c in before.clusters}
-    assert {c.id: c.size for c in after.clusters} == sizes
+    grown = {c.id: c.size for c in after.clusters}
+    assert sizes.keys() <= grown.keys()
+    assert all(grown[c] >= sizes[c] for c in sizes), f"clusters lost members across the restart: {sizes} -> {grown}"
+    assert sum(grown.values()) == rows_in(pool[0])
     # No losses were reported after the restart, so the bandit stands where it stood.
     np.testing.assert_allclose([c.weight for c in after.clusters], [c.weight for c in before.clusters], atol=1e-9)
     ids = np.concatenate(first + rest)
