@@ -42,18 +42,23 @@ READ_ATTEMPTS = 3
 class CuratorActor(ProcessInfo):
     def __init__(
         self, spec: JobSpec, settings: CuratorSettings, registry, readers: list, scorers: list, prefetch: int,
-        state_dir: str,
+        state_dir: str, budget=None,
     ) -> None:  # fmt: skip
         self._registry, self._readers, self._scorers, self._prefetch = registry, readers, scorers, prefetch
         self._store, self._folder = StateStore(state_dir), job_folder(spec.job)
         self._core = Curator(spec, settings, journal=self._journal)
         self._restore()
+        if budget is not None:  # what the pool budget pruned before this curator started
+            self._core.prune(ray.get(budget.pruned.remote()))
         self._checkpointed = time.monotonic()
         self._checkpointing: asyncio.Task | None = None
         self._learner_scorer = learner_scorer(scorers, spec.job) if scorers else None
         self._feeders: dict[int, asyncio.Task] = {}
         self._choosers: dict[int, asyncio.Task] = {}
         self._changed: asyncio.Condition | None = None
+        # Stream jobs: how many times shards were added to the pool (the pass in progress takes
+        # them in when this moves).
+        self._arrivals = 0
 
     def _condition(self) -> asyncio.Condition:
         if self._changed is None:
@@ -95,6 +100,15 @@ class CuratorActor(ProcessInfo):
 
     def ack(self, rank: int, epoch: int, seq: int) -> None:
         self._core.ack(rank, epoch, seq)
+
+    def prune(self, ids: np.ndarray) -> None:
+        """The pool budget pruned `ids`: never served from now on."""
+        self._core.prune(ids)
+
+    async def shards_added(self) -> None:
+        """The pool has new shards: a stream job's pass in progress reads them next."""
+        self._arrivals += 1
+        await self._notify()
 
     async def feedback(self, ids: np.ndarray, losses: np.ndarray) -> str:
         reason = self._core.feedback(ids, losses)
@@ -194,8 +208,10 @@ class CuratorActor(ProcessInfo):
 
     async def _feed(self, epoch: int) -> None:
         try:
+            arrivals = self._arrivals
             shards = await self._registry.readable.remote()
             queue = collections.deque(self._core.start_epoch(epoch, shards))
+            in_pass = {s.index for s in shards}
             self._forget_journals()
             await self._notify()
             # The pool's schema is its first readable shard's in registration order, whatever order
@@ -207,7 +223,14 @@ class CuratorActor(ProcessInfo):
                 await self._notify()  # batches may be ready, and requests wait on the condition
             # Reads in flight, oldest first: each is accepted only after those before it.
             inflight: collections.deque[asyncio.Future] = collections.deque()
-            while queue or inflight:
+            while True:
+                if self._core.spec.stream and arrivals != self._arrivals:
+                    arrivals = self._arrivals
+                    await self._join_pass(queue, in_pass)
+                if not queue and not inflight:
+                    if not self._core.spec.stream or not await self._pass_goes_on(epoch, arrivals):
+                        break
+                    continue
                 while queue and len(inflight) < self._prefetch and self._core.wants_more(epoch):
                     shard = queue.popleft()
                     inflight.append(asyncio.ensure_future(self._read(shard.uri, shard.index)))
@@ -228,6 +251,23 @@ class CuratorActor(ProcessInfo):
             if epoch in self._core.epochs:
                 self._core.fail_epoch(epoch, f"epoch {epoch} failed: {exc!r}")
         await self._notify()
+
+    async def _join_pass(self, queue: collections.deque, in_pass: set[int]) -> None:
+        """Puts the shards added to the pool since the pass began at the head of its reading
+        queue (oldest first): new data reaches a stream's batches within a few reads."""
+        new = sorted((s for s in await self._registry.readable.remote() if s.index not in in_pass), key=lambda s: s.index)
+        in_pass.update(s.index for s in new)
+        queue.extendleft(reversed(new))
+
+    async def _pass_goes_on(self, epoch: int, arrivals: int) -> bool:
+        """A stream pass has read all its shards: waits until shards arrive (True) or a rank
+        wants a batch the rows read cannot make (False: the pass ends and its rows are cut)."""
+        core = self._core
+        async with self._condition():
+            await self._condition().wait_for(
+                lambda: arrivals != self._arrivals or (core.starving(epoch) and core.choosing_due(epoch))
+            )
+        return arrivals != self._arrivals
 
     async def _choose(self, epoch: int) -> None:
         """Snapshot mode: fresh learner losses for each super-batch, just before it is chosen from."""

@@ -38,6 +38,12 @@ class JobHandle:
     def stats(self):
         return self._actor.stats.remote()
 
+    def prune(self, ids: np.ndarray):
+        return self._actor.prune.remote(ids)
+
+    def shards_added(self):
+        return self._actor.shards_added.remote()
+
     def checkpoint(self):
         return self._actor.checkpoint.remote()
 

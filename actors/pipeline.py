@@ -19,6 +19,8 @@ import time
 import numpy as np
 import ray
 
+from actors.arrivals import Arrivals
+from actors.budget import BudgetActor
 from actors.curator import CuratorActor
 from actors.job import JobHandle
 from actors.reader import ShardReaderActor
@@ -61,6 +63,11 @@ class Pipeline:
         # a model (and its worker process).
         self._scorers: list = []
         self._jobs: dict[str, JobHandle] = {}
+        self._budget = None
+        if config.max_samples is not None:
+            self._budget = BudgetActor.remote(self.state_dir, config.max_samples, config.selection.max_clusters)
+            self._start_scorers()  # every shard is scored when it joins the pool
+        self._arrivals = Arrivals(self._registry, self._readers, lambda: self._scorers, self._budget, self._pruned)
         uris = expand(list(config.shards))
         if not uris:
             raise ConfigError("shards", f"{list(config.shards)} matched no files")
@@ -69,10 +76,23 @@ class Pipeline:
             raise ConfigError("shards", f"none of the {len(records)} shards matched by {list(config.shards)} exists")
 
     async def add_shards(self, patterns: list[str]) -> list[ShardRecord]:
+        """Registers shards while the service runs; the passes of running stream jobs take them in."""
         uris = expand(patterns)
         if not uris:
             raise ConfigError("uris", f"{patterns} matched no files")
-        return await self._registry.add.remote(uris)
+        records = await self._arrivals.admit(await self._registry.add.remote(uris))
+        streams = [handle for handle in self._jobs.values() if handle.spec.stream]
+        await asyncio.gather(*(handle.shards_added() for handle in streams))
+        return records
+
+    async def admit_pool(self) -> None:
+        """Brings the shards the service started with within the pool budget (if there is one),
+        in the background: serving starts at once and pruned samples stop being served as soon
+        as they are pruned."""
+        await self._arrivals.admit_pool()
+
+    async def _pruned(self, ids: np.ndarray) -> None:
+        await asyncio.gather(*(handle.prune(ids) for handle in self._jobs.values()))
 
     def job(self, spec: JobSpec) -> JobHandle:
         """The job `spec.job`, its curator created on first use; JobConflict if the spec disagrees."""
@@ -97,7 +117,7 @@ class Pipeline:
             self._start_scorers()
         curator = CuratorActor.remote(
             spec, self._settings, self._registry, self._readers, self._scorers, self.config.prefetch_shards,
-            self.state_dir,
+            self.state_dir, self._budget,
         )  # fmt: skip
         self._store.save_json(f"{job_folder(spec.job)}/spec.json", dataclasses.asdict(spec))
         handle = self._jobs[spec.job] = JobHandle(spec, curator)
@@ -135,6 +155,7 @@ class Pipeline:
         return {
             "registry": [self._registry], "readers": list(self._readers), "scorers": list(self._scorers),
             "curators": [handle.actor for handle in self._jobs.values()],
+            "budget": [self._budget] if self._budget is not None else [],
         }  # fmt: skip
 
     def curator(self, job: str):
@@ -211,6 +232,7 @@ class Pipeline:
             "reference_scored_samples": sum(s["reference_samples"] for s in scorers),
             "reference_scoring_seconds": sum(s["reference_seconds"] for s in scorers),
             "scorer_devices": [s["device"] for s in scorers],
+            "budget": await self._budget.stats.remote() if self._budget is not None else None,
         }
 
     def shutdown(self, checkpoint_timeout_s: float = 30.0) -> None:
@@ -222,7 +244,7 @@ class Pipeline:
             log.warning("could not checkpoint every job before stopping: %r", exc)
         for curator in curators:
             ray.kill(curator, no_restart=True)
-        for actor in [*self._readers, *self._scorers, self._registry]:
+        for actor in [*self._readers, *self._scorers, self._registry, *([self._budget] if self._budget else [])]:
             ray.kill(actor, no_restart=True)
         self._jobs.clear()
         if self._owns_state:

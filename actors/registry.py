@@ -64,3 +64,6 @@ class RegistryActor(ProcessInfo):
 
     def records(self) -> list[ShardRecord]:
         return self._registry.records()
+
+    def records_of(self, uris: list[str]) -> list[ShardRecord]:
+        return self._registry.records_of(uris)

@@ -92,6 +92,23 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_shards(args: argparse.Namespace) -> int:
+    from loader.client.admin import ServiceCallError, add_shards
+
+    try:
+        shards = add_shards(args.address, args.uris, token=_client_token(args), tls=_client_tls(args))
+    except ServiceCallError as exc:
+        print(f"loader: add-shards to {args.address}: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        print(f"loader: add-shards: {exc}", file=sys.stderr)
+        return 2
+    for shard in shards:  # one line each: index, state, uri, then rows or the reason
+        detail = f"{shard.rows} rows" if shard.state == "ok" else shard.reason
+        print(f"{shard.index} {shard.state} {shard.uri} {detail}".rstrip())
+    return 0 if all(shard.state == "ok" for shard in shards) else 1
+
+
 def _client_token(args: argparse.Namespace) -> str | None:
     # No --token flag: a secret on the command line shows in `ps` and shell history.
     if args.token_file is None:
@@ -172,6 +189,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--job")
     _add_client_security(t)
     t.set_defaults(func=_stats)
+
+    a = sub.add_parser("add-shards", help="add shards to a running service's pool (stream jobs serve them at once)")
+    a.add_argument("--address", required=True)
+    a.add_argument("uris", nargs="+", metavar="URI", help="shard path or pattern, as the service's machine sees it")
+    _add_client_security(a)
+    a.set_defaults(func=_add_shards)
 
     d = sub.add_parser("demo", help="noisy MNIST-1D: train uniform vs curated through RemoteLoader")
     d.add_argument("--data", default="data/mnist1d")

@@ -132,6 +132,13 @@ class ServiceConfig:
 
     # Shard paths, brace patterns (`train-{000000..000009}.tar`) or globs.
     shards: Annotated[tuple[Annotated[str, _STRICT, MinLen(1)], ...], BeforeValidator(_patterns)] = ()
+    # Patterns polled every `watch_poll_s` while the service runs: a new matching file joins the
+    # pool once its size and mtime are unchanged across two polls (see loader/watch.py).
+    watch: Annotated[tuple[Annotated[str, _STRICT, MinLen(1)], ...], BeforeValidator(_patterns)] = ()
+    watch_poll_s: _SECONDS = 5.0
+    # The pool budget: past this many samples, samples are pruned for good, cluster by cluster
+    # (near-duplicates first, then those the reference fits worst). Needs `reference`.
+    max_samples: _COUNT | None = None
     # HOST:PORT for the gRPC server; port 0 lets the OS pick (printed as `listening on HOST:PORT`).
     address: Annotated[str, _STRICT, AfterValidator(_address)] = "127.0.0.1:50051"
     # None: start a local Ray on loopback; "auto" or ray://...: join that cluster.
@@ -254,9 +261,12 @@ def from_mapping(values: dict[str, Any], source: str = "config") -> ServiceConfi
     if not isinstance(values, dict):
         raise ConfigError(source, f"expected a mapping of keys to values, got {type(values).__name__}")
     try:
-        return _SCHEMA.validate_python(values)
+        config = _SCHEMA.validate_python(values)
     except ValidationError as exc:
         raise ConfigError.from_validation(exc, ServiceConfig) from None
+    if config.max_samples is not None and config.reference is None:
+        raise ConfigError("max_samples", "the pool budget clusters samples by their reference embeddings: set `reference`")
+    return config
 
 
 def load(

@@ -6,6 +6,10 @@ order, however they finish), wait in the epoch's assembler, and are cut into sup
 B / keep_ratio candidates only when a batch is wanted: `lookup` of a batch that is not chosen yet
 chooses up to `select_ahead` batches beyond it for that rank. Reading runs ahead; choosing does
 not, so a batch is chosen with the learner losses of the moment it is asked for.
+
+A stream job's epochs are passes over the living pool, one after another: shards added to the
+pool while a pass runs join it (the actor reads them next), and a pass leaves out the rows the
+previous one served last (`EpochRun.recent`), so a sample is not served twice within that window.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ class EpochRun:
     rng: np.random.Generator
     # A run restored from a journal: sorted ids already considered, which reading must skip.
     skip: np.ndarray | None = None
+    # A stream job's pass: sorted ids the previous pass served last, left out of this one so no
+    # sample comes again within `repeat_window` rows.
+    recent: np.ndarray | None = None
     started: bool = True
     # A super-batch drawn and awaiting its learner losses (snapshot mode): at most one at a time.
     drawn: Candidates | None = None
@@ -56,6 +63,8 @@ class Curator:
         self.selector = Selector(spec.policy, spec.options, spec.batch_size, spec.seed)
         self.schema: pa.Schema | None = None
         self.epochs: dict[int, EpochRun] = {}
+        # Sample ids the pool budget pruned (sorted): never served from the moment they are known.
+        self.pruned = np.zeros(0, np.int64)
         self.batches_served = 0
         self.samples_served = 0
         self.samples_considered = 0
@@ -89,13 +98,17 @@ class Curator:
         if run is None:
             run = self.epochs[epoch] = self._new_run(epoch)
         run.started = True
+        if self.spec.stream:
+            run.recent = self._recent(epoch)
         self._forget_old_epochs(epoch)
         order = [shards[i] for i in self._shard_rng(epoch).permutation(len(shards))]
-        if run.skip is None:
+        # Shards none of whose rows is left (all considered before a restart, or all pruned) need
+        # no read.
+        gone = np.concatenate([run.skip if run.skip is not None else np.zeros(0, np.int64), self.pruned])
+        if not len(gone):
             return order
-        # Shards whose every row was considered before the restart need no second read.
-        done = np.bincount(shard_of(run.skip), minlength=max((s.index for s in shards), default=0) + 1)
-        return [s for s in order if not (s.rows and done[s.index] >= s.rows)]
+        done = np.bincount(shard_of(np.unique(gone)), minlength=max((s.index for s in shards), default=0) + 1)
+        return [s for s in order if not (s.rows and s.index < len(done) and done[s.index] >= s.rows)]
 
     def restore_epoch(self, epoch: int, batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
         """Rebuilds an epoch from its journal (candidates, kept ids, weights per batch): those
@@ -108,6 +121,15 @@ class Curator:
         run.skip = np.sort(np.concatenate(considered)) if considered else np.zeros(0, np.int64)
         run.assembler.emitted = len(batches)
         self.epochs[epoch] = run
+
+    def _recent(self, epoch: int) -> np.ndarray | None:
+        """The ids the previous pass served last: the newest `shuffle_rows`, at most half the pass.
+        A sample served in that pass is then served again only after at least that many rows."""
+        previous = self.epochs.get(epoch - 1)
+        if previous is None:
+            return None
+        rows = sum(len(ids) for ids in previous.ledger.ids)
+        return np.sort(previous.ledger.newest_ids(min(self.settings.shuffle_rows, rows // 2)))
 
     def _new_run(self, epoch: int) -> EpochRun:
         rng = np.random.default_rng(np.random.SeedSequence([self.spec.seed, epoch, 1]))
@@ -141,13 +163,22 @@ class Curator:
         if reason:
             return reason
         run = self.epochs[epoch]
-        if run.skip is not None and len(run.skip):
-            table = table.filter(pa.array(~np.isin(table.column(codec.ID).to_numpy(), run.skip)))
+        for leave_out in (run.skip, run.recent, self.pruned):
+            if leave_out is not None and len(leave_out):
+                table = table.filter(pa.array(~np.isin(table.column(codec.ID).to_numpy(), leave_out)))
         run.assembler.add(table)
         return ""
 
     def finish_reading(self, epoch: int) -> None:
         self.epochs[epoch].assembler.finish()
+
+    def prune(self, ids: np.ndarray) -> None:
+        """The pool budget pruned `ids`: no batch chosen from now on holds one."""
+        self.pruned = np.union1d(self.pruned, np.asarray(ids, np.int64))
+
+    def starving(self, epoch: int) -> bool:
+        """Whether the epoch's next super-batch needs rows not read yet."""
+        return self.epochs[epoch].assembler.starving
 
     def fail_epoch(self, epoch: int, message: str) -> None:
         self.epochs[epoch].ledger.error = message
@@ -205,7 +236,18 @@ class Curator:
             raise RuntimeError("select() takes the super-batch that draw() gave")
         run.drawn = None
         progress = epoch / self.spec.total_epochs if self.spec.total_epochs else None
-        chosen = self.selector.select(candidates.ids, learner_loss, run.rng, progress)
+        allowed = np.flatnonzero(~np.isin(candidates.ids, self.pruned))  # pruned while buffered
+        if not len(allowed) and self.spec.stream:
+            # A stream's ranks need not get as many batches per pass; an epoch job's must, so
+            # there the (rare) empty batch is served.
+            self.samples_considered += len(candidates.ids)
+            return
+        if len(allowed) == len(candidates.ids):
+            chosen = self.selector.select(candidates.ids, learner_loss, run.rng, progress)
+        else:
+            losses = None if learner_loss is None else np.asarray(learner_loss)[allowed]
+            chosen = self.selector.select(candidates.ids[allowed], losses, run.rng, progress)
+            chosen = dataclasses.replace(chosen, picks=allowed[chosen.picks])
         table = candidates.take(chosen.picks)
         if self.journal is not None:
             self.journal(epoch, candidates.ids, chosen.kept, chosen.weights)

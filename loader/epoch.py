@@ -324,6 +324,11 @@ class EpochAssembler:
     def buffered_rows(self) -> int:
         return len(self._buffer)
 
+    @property
+    def starving(self) -> bool:
+        """The next super-batch needs rows that have not been added (and more may come)."""
+        return not self._finished and not self._waiting and len(self._buffer) < self.batch_size + self._hold
+
     def waiting_rows(self) -> int:
         """Rows added but not yet in the shuffle buffer: how far reading is ahead."""
         return self._waiting_rows

@@ -1,4 +1,5 @@
-"""Service calls that are not a training stream: what `loader stats` and operators use."""
+"""Service calls that are not a training stream: what `loader stats`, `loader add-shards` and
+operators use."""
 
 from __future__ import annotations
 
@@ -21,15 +22,31 @@ class ServiceCallError(LoaderError):
         return f"{self.code}: {self.details}"
 
 
+def _call(address: str, token: str | None, tls: TLSLike, call):
+    tls = as_tls(tls)
+    metadata = token_metadata(resolve_token(token), address, tls)
+    with open_channel(address, tls) as channel:
+        try:
+            return call(pb_grpc.LoaderStub(channel), metadata)
+        except grpc.RpcError as exc:
+            raise ServiceCallError(exc.code().name, exc.details() or "") from exc
+
+
 def fetch_stats(
     address: str, job: str = "", token: str | None = None, timeout_s: float = 30.0, tls: TLSLike = None
 ) -> pb.Stats:
     """GetStats for `job` (every job when empty); the token defaults to $LOADER_TOKEN, `tls` is as
     for RemoteLoader."""
-    tls = as_tls(tls)
-    metadata = token_metadata(resolve_token(token), address, tls)
-    with open_channel(address, tls) as channel:
-        try:
-            return pb_grpc.LoaderStub(channel).GetStats(pb.GetStatsRequest(job=job), metadata=metadata, timeout=timeout_s)
-        except grpc.RpcError as exc:
-            raise ServiceCallError(exc.code().name, exc.details() or "") from exc
+    request = pb.GetStatsRequest(job=job)
+    return _call(address, token, tls, lambda stub, metadata: stub.GetStats(request, metadata=metadata, timeout=timeout_s))
+
+
+def add_shards(
+    address: str, uris: list[str], token: str | None = None, timeout_s: float = 300.0, tls: TLSLike = None
+) -> list[pb.ShardInfo]:
+    """Adds shards (paths or patterns, as the service sees its files) to the running service's
+    pool; returns each shard's record once the service has read it: state "ok", or
+    "quarantined" with the reason. Running stream jobs serve the new shards without a restart."""
+    request = pb.AddShardsRequest(uris=list(uris))
+    reply = _call(address, token, tls, lambda stub, metadata: stub.AddShards(request, metadata=metadata, timeout=timeout_s))
+    return list(reply.shards)

@@ -21,6 +21,12 @@ class RemoteLoader:
     (int64 sample ids) and `_weight` (float32 importance weights). Tensors share memory with the
     received message: no copy per batch.
 
+    `stream=True` makes the job a stream job over a living pool: one `for` loop is an endless
+    stream of batches, pass after pass over the pool as it is (shards added meanwhile are served in
+    the pass in progress), like an infinite IterableDataset. A sample comes again in a later pass,
+    never within the window of rows served just before it. `max_steps` ends a loop once this many
+    batches have been served in all (counted across loops and in `state_dict`).
+
     `token` (default `$LOADER_TOKEN`) is sent as `authorization: Bearer <token>` on every call.
     `tls`: None for plaintext, True for TLS against the system's roots, or `loader.client.TLS`
     (or a mapping of its fields: `ca`, `cert`, `key`, `server_name`) for a private CA and mutual TLS.
@@ -43,11 +49,19 @@ class RemoteLoader:
         timeout_s: float = 300.0,
         max_message_bytes: int = 256 * 1024 * 1024,
         tls: TLSLike = None,
+        stream: bool = False,
+        max_steps: int | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if batch_size < 1 or prefetch < 1:
             raise ValueError("batch_size and prefetch must be positive")
+        if max_steps is not None and max_steps < 1:
+            raise ValueError(f"max_steps must be positive or None, got {max_steps}")
+        if stream and total_epochs:
+            raise ValueError("a stream job has no last epoch: leave total_epochs at 0")
+        self.stream, self.max_steps = stream, max_steps
+        self._steps = 0
         self.address, self.job, self.batch_size = address, job, batch_size
         self.rank, self.world_size, self.policy, self.seed = rank, world_size, policy, seed
         self.options = {str(k): str(v) for k, v in (options or {}).items()}
@@ -68,10 +82,45 @@ class RemoteLoader:
     # -- iteration -------------------------------------------------------------------------------
 
     def __iter__(self):
+        if not self.stream:
+            yield from self._until_max_steps(self._one_epoch())
+            return
+        empty_since = None
+        while not self._done():
+            served = self._steps
+            yield from self._until_max_steps(self._one_epoch())
+            # A pass with no batch: the pool has nothing readable now. Shards may be added, so
+            # look again after a while, for at most timeout_s.
+            if self._steps > served or self._done():
+                empty_since = None
+                continue
+            empty_since = time.monotonic() if empty_since is None else empty_since
+            waited = time.monotonic() - empty_since
+            if waited >= self.timeout_s:
+                raise TimeoutError(f"stream job {self.job!r}: the pool had no readable sample for {waited:.0f} s")
+            time.sleep(min(1.0, self.timeout_s - waited))
+
+    def _done(self) -> bool:
+        return self.max_steps is not None and self._steps >= self.max_steps
+
+    def _until_max_steps(self, batches):
+        """Yields from `batches` until max_steps, then closes it at once (ending its stream)."""
+        try:
+            if self._done():
+                return
+            for batch in batches:
+                self._steps += 1
+                yield batch
+                if self._done():
+                    return
+        finally:
+            batches.close()
+
+    def _one_epoch(self):
         hello = pb.Hello(
             job=self.job, rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
             policy=self.policy, seed=self.seed, epoch=self._epoch, next_seq=self._seq,
-            options=self.options, total_epochs=self.total_epochs,
+            options=self.options, total_epochs=self.total_epochs, stream=self.stream,
         )  # fmt: skip
         stream = TrainStream(self._train, hello, self.prefetch, self._metadata, self._unsent)
         self._unsent = []
@@ -122,7 +171,10 @@ class RemoteLoader:
     # -- state -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"job": self.job, "rank": self.rank, "world_size": self.world_size, "epoch": self._epoch, "seq": self._seq}
+        return {
+            "job": self.job, "rank": self.rank, "world_size": self.world_size, "epoch": self._epoch, "seq": self._seq,
+            "steps": self._steps,
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         missing = [k for k in STATE_KEYS if k not in state]
@@ -132,6 +184,7 @@ class RemoteLoader:
             if state[key] != getattr(self, key):
                 raise ValueError(f"state is for {key}={state[key]!r}, this loader has {key}={getattr(self, key)!r}")
         self._epoch, self._seq = int(state["epoch"]), int(state["seq"])
+        self._steps = int(state.get("steps", 0))  # absent in states saved before max_steps
 
     # -- snapshots -------------------------------------------------------------------------------
 

@@ -18,7 +18,9 @@ from loader.gateway import tls
 from loader.gateway.auth import BearerTokenInterceptor
 from loader.gateway.service import LoaderService
 from loader.gateway.wire import PreSerializedBatches
+from loader.sources import expand
 from loader.v1 import loader_pb2, loader_pb2_grpc
+from loader.watch import ShardWatcher
 
 log = logging.getLogger("loader.gateway")
 
@@ -47,6 +49,8 @@ class Gateway:
         self.address = ""
         self._server: grpc.aio.Server | None = None
         self._reaper: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
+        self._admitting: asyncio.Task | None = None
         self._health = HealthServicer()
         # Read here, not at start(), so a bad token source fails before anything listens.
         token = read_token(config)
@@ -77,6 +81,10 @@ class Gateway:
         await server.start()
         self._server = server
         self._reaper = asyncio.get_running_loop().create_task(self._release_idle_jobs())
+        if self.config.watch:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_shards())
+        if self.config.max_samples is not None:
+            self._admitting = asyncio.get_running_loop().create_task(self._admit_pool())
         self.address = f"{host}:{port}"
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -105,10 +113,31 @@ class Gateway:
             except Exception:  # never let the timer die; the next round tries again
                 log.exception("releasing idle jobs failed")
 
+    async def _watch_shards(self) -> None:
+        """Adds the watched patterns' complete new files to the pool, as `AddShards` would."""
+        watcher = ShardWatcher(self.config.watch, known=set(expand(list(self.config.shards))))
+        while True:
+            try:
+                new = watcher.poll()
+                if new:
+                    records = await self.pipeline.add_shards(new)
+                    for r in records:
+                        log.info("watch: shard %d %s %s %s", r.index, r.state, r.uri, r.reason or f"{r.rows} rows")
+            except Exception:  # never let the timer die; the next poll tries again
+                log.exception("adding watched shards failed")
+            await asyncio.sleep(self.config.watch_poll_s)  # a poll interval, not synchronisation
+
+    async def _admit_pool(self) -> None:
+        try:
+            await self.pipeline.admit_pool()
+        except Exception:  # shards added later are admitted all the same
+            log.exception("bringing the starting pool within max_samples failed")
+
     async def stop(self, grace_s: float = 2.0) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            self._reaper = None
+        for task in (self._reaper, self._watcher, self._admitting):
+            if task is not None:
+                task.cancel()
+        self._reaper = self._watcher = self._admitting = None
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace_s)

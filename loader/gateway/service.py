@@ -81,6 +81,7 @@ class LoaderService(pb_grpc.LoaderServicer):
             reference_scored_samples=stats["reference_scored_samples"],
             reference_scoring_seconds=stats["reference_scoring_seconds"],
             scorer_devices=stats["scorer_devices"],
+            budget=pb.PoolBudget(**stats["budget"]) if stats["budget"] is not None else None,
         )
 
     async def AddShards(self, request, context):

@@ -64,7 +64,14 @@ def job_spec(hello: pb.Hello, default_policy: str, defaults: SelectionOptions) -
             resolve_factory(options.learner, key="options.learner")
         except ConfigError as exc:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"Hello.{exc}") from None
-    return JobSpec(hello.job, hello.batch_size, hello.world_size, policy, hello.seed, options, hello.total_epochs)
+    if hello.stream and hello.total_epochs:
+        raise Abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"Hello.total_epochs must be 0 for a stream job (it has no last epoch), got {hello.total_epochs}",
+        )
+    return JobSpec(
+        hello.job, hello.batch_size, hello.world_size, policy, hello.seed, options, hello.total_epochs, hello.stream
+    )
 
 
 def decode_feedback(feedback: pb.Feedback) -> tuple[np.ndarray, np.ndarray]:

@@ -151,6 +151,18 @@ class Ledger:
             self._payloads.pop(self.global_index(rank, s), None)
         self.acked[rank] = max(seq, first - 1)
 
+    def newest_ids(self, n: int) -> np.ndarray:
+        """The ids of the last `n` rows chosen, in the order of the global batch sequence."""
+        if n <= 0 or not self.ids:
+            return np.zeros(0, np.int64)
+        tail, rows = [], 0
+        for ids in reversed(self.ids):
+            tail.append(ids)
+            rows += len(ids)
+            if rows >= n:
+                break
+        return np.concatenate(tail[::-1])[-n:]
+
     def steps_of(self, rank: int) -> int:
         """Batches `rank` has acknowledged: its trainer's step count in this epoch."""
         return self.acked.get(rank, -1) + 1

@@ -17,10 +17,12 @@ class JobSpec:
     options: SelectionOptions = SelectionOptions()
     # Planned epochs (0: unknown); lets a policy anneal near the end of training.
     total_epochs: int = 0
+    # A stream job: passes over the living pool one after another (see `Curator.start_epoch`).
+    stream: bool = False
 
     def conflict(self, other: "JobSpec") -> str:
         """Why `other` cannot join this job, or '' if it can."""
-        for field in ("batch_size", "world_size", "policy", "seed", "options", "total_epochs"):
+        for field in ("batch_size", "world_size", "policy", "seed", "options", "total_epochs", "stream"):
             mine, theirs = getattr(self, field), getattr(other, field)
             if mine != theirs:
                 return f"job {self.job!r} runs with {field}={mine!r}, got {field}={theirs!r}"

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("job", "rank", "world_size", "batch_size", "policy", "seed", "epoch", "next_seq", "options", "total_epochs")
+    __slots__ = ("job", "rank", "world_size", "batch_size", "policy", "seed", "epoch", "next_seq", "options", "total_epochs", "stream")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class Hello(_message.Message):
     NEXT_SEQ_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
     job: str
     rank: int
     world_size: int
@@ -36,7 +37,8 @@ class Hello(_message.Message):
     next_seq: int
     options: _containers.ScalarMap[str, str]
     total_epochs: int
-    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., next_seq: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ..., total_epochs: _Optional[int] = ...) -> None: ...
+    stream: bool
+    def __init__(self, job: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., batch_size: _Optional[int] = ..., policy: _Optional[str] = ..., seed: _Optional[int] = ..., epoch: _Optional[int] = ..., next_seq: _Optional[int] = ..., options: _Optional[_Mapping[str, str]] = ..., total_epochs: _Optional[int] = ..., stream: _Optional[bool] = ...) -> None: ...
 
 class Credit(_message.Message):
     __slots__ = ("batches",)
@@ -204,20 +206,36 @@ class ClusterInfo(_message.Message):
     def __init__(self, id: _Optional[int] = ..., size: _Optional[int] = ..., weight: _Optional[float] = ..., reward: _Optional[float] = ..., served: _Optional[int] = ..., reference_loss: _Optional[float] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("shards", "jobs", "trainers_connected", "reference_scored_samples", "reference_scoring_seconds", "scorer_devices")
+    __slots__ = ("shards", "jobs", "trainers_connected", "reference_scored_samples", "reference_scoring_seconds", "scorer_devices", "budget")
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     JOBS_FIELD_NUMBER: _ClassVar[int]
     TRAINERS_CONNECTED_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_SCORED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_SCORING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SCORER_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
     shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
     jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
     trainers_connected: int
     reference_scored_samples: int
     reference_scoring_seconds: float
     scorer_devices: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., trainers_connected: _Optional[int] = ..., reference_scored_samples: _Optional[int] = ..., reference_scoring_seconds: _Optional[float] = ..., scorer_devices: _Optional[_Iterable[str]] = ...) -> None: ...
+    budget: PoolBudget
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., trainers_connected: _Optional[int] = ..., reference_scored_samples: _Optional[int] = ..., reference_scoring_seconds: _Optional[float] = ..., scorer_devices: _Optional[_Iterable[str]] = ..., budget: _Optional[_Union[PoolBudget, _Mapping]] = ...) -> None: ...
+
+class PoolBudget(_message.Message):
+    __slots__ = ("max_samples", "kept_samples", "pruned_near_duplicate", "pruned_low_value", "clusters")
+    MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    KEPT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PRUNED_NEAR_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    PRUNED_LOW_VALUE_FIELD_NUMBER: _ClassVar[int]
+    CLUSTERS_FIELD_NUMBER: _ClassVar[int]
+    max_samples: int
+    kept_samples: int
+    pruned_near_duplicate: int
+    pruned_low_value: int
+    clusters: int
+    def __init__(self, max_samples: _Optional[int] = ..., kept_samples: _Optional[int] = ..., pruned_near_duplicate: _Optional[int] = ..., pruned_low_value: _Optional[int] = ..., clusters: _Optional[int] = ...) -> None: ...
 
 class AddShardsRequest(_message.Message):
     __slots__ = ("uris",)
