@@ -43,7 +43,9 @@ class BudgetActor(ProcessInfo):
         if self.admitted(index):
             return np.zeros(0, np.int64)
         ids = make_ids(index, len(ref_loss))
-        pruned = self._budget.admit(ids, embeddings, -np.asarray(ref_loss, np.float64))
+        # Without a reference model (embeddings from a column) every sample is worth the same.
+        value = np.nan_to_num(-np.asarray(ref_loss, np.float64), nan=0.0)
+        pruned = self._budget.admit(ids, embeddings, value)
         codes = np.array([REASONS.index(r) for r in pruned.reasons], np.int8)
         order = np.argsort(np.concatenate([self._pruned, pruned.ids]), kind="stable")
         self._pruned = np.concatenate([self._pruned, pruned.ids])[order]

@@ -108,9 +108,17 @@ class Pipeline:
             if reason:
                 raise JobConflict(f"{reason} (as saved in {self.state_dir}; use another job name)")
         policy = make_policy(spec.policy, spec.options)
-        needs_scores = policy.needs_reference or spec.options.needs_embeddings
-        if needs_scores and self.config.reference is None:
-            raise JobConflict(f"policy {spec.policy!r} needs a reference model; set `reference` in the service config")
+        needs_reference = policy.needs_reference and spec.options.irreducible_loss == "reference"
+        needs_scores = needs_reference or spec.options.needs_embeddings
+        if needs_reference and self.config.reference is None:
+            raise JobConflict(
+                f"policy {spec.policy!r} needs a reference model; set `reference` in the service config "
+                f"(or the option irreducible_loss=learner_best)"
+            )
+        if needs_scores and self.config.reference is None and self.config.embedding_column is None:
+            raise JobConflict(
+                f"policy {spec.policy!r} needs embeddings: set `reference` or `columns.embedding` in the service config"
+            )
         # Learner losses come from a scorer in snapshot mode only; feedback mode takes the losses
         # trainers report, and a policy without a reference model then needs no scorer at all.
         if needs_scores or (policy.needs_learner and spec.options.learner_loss == "snapshot"):
@@ -194,7 +202,7 @@ class Pipeline:
         gpus = config.scorer_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0
         self._scorers = [
             ScorerActor.options(num_gpus=gpus).remote(
-                config.reference, config.input_column, config.label_column, self.state_dir
+                config.reference, config.input_column, config.label_column, self.state_dir, config.embedding_column
             )
             for _ in range(config.scorers)
         ]

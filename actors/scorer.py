@@ -14,8 +14,17 @@ from actors.runtime import ProcessInfo
 from loader.reader import ReadResult
 from loader.scoring import ModelSpec, best_device, build_model, inputs_from_table, learner_losses, load_state_bytes, reference_scores
 from loader.state_store import StateStore
+from loader.tensors import to_numpy
 
 log = logging.getLogger("loader.scorer")
+
+
+def embedding_rows(table: pa.Table, column: str) -> np.ndarray:
+    """float32 [rows, d]: a numeric column (a tensor or fixed-size list per row) as embeddings."""
+    if column not in table.column_names:
+        raise ValueError(f"the embedding column {column!r} is not in the shard (columns: {table.column_names})")
+    values = np.asarray(to_numpy(table.column(column)), np.float32)
+    return values.reshape(len(values), -1)
 
 
 # Its calls are pure, so Ray may repeat one cut off by a crash on the restarted actor; a shard that
@@ -23,12 +32,17 @@ log = logging.getLogger("loader.scorer")
 @ray.remote(num_cpus=0.25, max_restarts=-1, max_task_retries=3)
 class ScorerActor(ProcessInfo):
     def __init__(
-        self, reference: ModelSpec | None, input_column: str, label_column: str, state_dir: str | None = None
-    ) -> None:
+        self, reference: ModelSpec | None, input_column: str, label_column: str, state_dir: str | None = None,
+        embedding_column: str | None = None,
+    ) -> None:  # fmt: skip
         self._device = best_device()
         self._columns = (input_column, label_column)
+        self._embedding_column = embedding_column
         self._reference = build_model(reference, self._device) if reference is not None else None
+        # Saved scores are valid for the model and the embedding source that made them.
         self._fingerprint = reference.fingerprint() if reference is not None else ""
+        if embedding_column is not None:
+            self._fingerprint += f"|embedding column {embedding_column}"
         self._store = StateStore(state_dir) if state_dir else None
         # Shard index -> (reference loss, embedding): score once, serve every epoch and job.
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -45,13 +59,19 @@ class ScorerActor(ProcessInfo):
     def score(self, result: ReadResult) -> tuple[np.ndarray, np.ndarray]:
         cached = self._cache.get(result.index) or self._saved(result)
         if cached is None:
-            if self._reference is None:
+            if self._reference is None and self._embedding_column is None:
                 raise RuntimeError("this service has no reference model (set `reference` in its config)")
             started = time.perf_counter()
-            inputs, labels = inputs_from_table(result.table, *self._columns)
-            cached = reference_scores(self._reference, inputs, labels, device=self._device)
+            if self._reference is None:  # embeddings only; no reference loss to give (NaN)
+                embedding = embedding_rows(result.table, self._embedding_column)
+                cached = np.full(len(embedding), np.nan, np.float32), embedding
+            else:
+                inputs, labels = inputs_from_table(result.table, *self._columns)
+                cached = reference_scores(self._reference, inputs, labels, device=self._device)
+                if self._embedding_column is not None:
+                    cached = cached[0], embedding_rows(result.table, self._embedding_column)
             self._reference_seconds += time.perf_counter() - started
-            self._reference_samples += len(labels)
+            self._reference_samples += len(cached[0])
             if self._store is not None:
                 self._store.save_arrays(self._score_file(result.index), {
                     "uri": np.array(result.uri), "model": np.array(self._fingerprint),

@@ -66,6 +66,9 @@ class _Columns:
 
     input: Annotated[str, _STRICT, MinLen(1)] = "x"
     label: Annotated[str, _STRICT, MinLen(1)] = "y"
+    # A column of precomputed embeddings (or any numeric features) that clusters, diversity and
+    # the pool budget use instead of the reference model's body; None: the body's output.
+    embedding: Annotated[str, _STRICT, MinLen(1)] | None = None
 
 
 _COLUMNS = TypeAdapter(_Columns)
@@ -107,7 +110,8 @@ def _columns(value: Any) -> tuple[tuple[str, str], ...]:
         columns = _COLUMNS.validate_python(value)
     except ValidationError as exc:
         raise ConfigError.from_validation(exc, _Columns, "columns") from None
-    return (("input", columns.input), ("label", columns.label))
+    named = (("input", columns.input), ("label", columns.label))
+    return named + ((("embedding", columns.embedding),) if columns.embedding is not None else ())
 
 
 def _selection(value: Any) -> SelectionOptions:
@@ -201,6 +205,10 @@ class ServiceConfig:
     def label_column(self) -> str:
         return dict(self.columns)["label"]
 
+    @property
+    def embedding_column(self) -> str | None:
+        return dict(self.columns).get("embedding")
+
 
 _SCHEMA = TypeAdapter(ServiceConfig)
 
@@ -264,8 +272,10 @@ def from_mapping(values: dict[str, Any], source: str = "config") -> ServiceConfi
         config = _SCHEMA.validate_python(values)
     except ValidationError as exc:
         raise ConfigError.from_validation(exc, ServiceConfig) from None
-    if config.max_samples is not None and config.reference is None:
-        raise ConfigError("max_samples", "the pool budget clusters samples by their reference embeddings: set `reference`")
+    if config.max_samples is not None and config.reference is None and config.embedding_column is None:
+        raise ConfigError(
+            "max_samples", "the pool budget clusters samples by embeddings: set `reference` or `columns.embedding`"
+        )
     return config
 
 

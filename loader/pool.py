@@ -29,6 +29,9 @@ class PoolIndex:
         never read) and lack the per-cluster averages: both are fine."""
         # shard index -> learner loss per row (NaN: never reported)
         self._learner_loss: dict[int, np.ndarray] = {}
+        # shard index -> the lowest learner loss ever reported per row (NaN: never reported): how
+        # far the learner once got on the sample, a reference-free irreducible loss
+        self._best_loss: dict[int, np.ndarray] = {}
         # shard index -> reference loss per row and embedding rows (float16 halves their memory;
         # cosine similarities and rankings do not need more precision)
         self._ref_loss: dict[int, np.ndarray] = {}
@@ -54,6 +57,9 @@ class PoolIndex:
         for i, shard in enumerate(state["shards"].tolist()):
             part = slice(bounds[i], bounds[i + 1])
             self._learner_loss[shard] = state["learner_loss"][part].astype(np.float32)
+            # A state saved before best losses were kept: the latest loss is the best known.
+            best = state["best_loss"][part] if "best_loss" in state else state["learner_loss"][part]
+            self._best_loss[shard] = best.astype(np.float32)
             if state["clustered"][i]:
                 self._cluster[shard] = state["cluster"][part].astype(np.int32)
         self._unseen_loss = float(state["unseen_loss"])
@@ -66,6 +72,7 @@ class PoolIndex:
     def ensure_shard(self, shard_index: int, rows: int) -> None:
         if shard_index not in self._learner_loss or len(self._learner_loss[shard_index]) != rows:
             self._learner_loss[shard_index] = np.full(rows, np.nan, dtype=np.float32)
+            self._best_loss[shard_index] = np.full(rows, np.nan, dtype=np.float32)
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._learner_loss.values())
@@ -172,6 +179,8 @@ class PoolIndex:
                     first_clusters.append(self._cluster[shard][where[first]])
                     first_losses.append(mine[first])
             block[where] = mine
+            best = self._best_loss[shard]
+            best[where] = np.fmin(best[where], mine)  # fmin: NaN (never reported) gives way
         if first_clusters:
             self._add_cluster_losses(np.concatenate(first_clusters), np.concatenate(first_losses))
         self.feedback_samples += reported
@@ -192,6 +201,10 @@ class PoolIndex:
     def learner_loss(self, ids: np.ndarray) -> np.ndarray:
         return self._gather(self._learner_loss, ids)
 
+    def best_learner_loss(self, ids: np.ndarray) -> np.ndarray:
+        """float32 per id: the lowest loss ever reported for it (NaN: never reported)."""
+        return self._gather(self._best_loss, ids)
+
     @staticmethod
     def _gather(columns: dict[int, np.ndarray], ids: np.ndarray, fill=np.nan, dtype=np.float32) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
@@ -209,6 +222,7 @@ class PoolIndex:
             "shards": np.array(shards, np.int64),
             "rows": np.array([len(self._learner_loss[s]) for s in shards], np.int64),
             "learner_loss": np.concatenate([self._learner_loss[s] for s in shards] or [np.zeros(0, np.float32)]),
+            "best_loss": np.concatenate([self._best_loss[s] for s in shards] or [np.zeros(0, np.float32)]),
             "clustered": np.array([s in self._cluster for s in shards], bool),
             "cluster": np.concatenate([self._cluster.get(s, np.full(len(self._learner_loss[s]), -1, np.int32))
                                        for s in shards] or [blank]),  # fmt: skip

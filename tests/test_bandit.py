@@ -171,3 +171,38 @@ def test_bad_arguments_are_rejected() -> None:
         arms.update(np.array([0]), np.array([np.nan]))
     with pytest.raises(ValueError):
         arms.probabilities(np.array([1, 1]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_new_arm_starts_at_or_above_the_best_arm(name) -> None:
+    """A newly opened cluster is tried soon: its score is at least the best current arm's, so its
+    share of the next draw is at least the best arm's."""
+    arms = BANDITS[name](gamma=0.1, eta=4.0)
+    for _ in range(20):
+        arms.quotas(30, np.array([10, 10, 10]))
+        arms.update(np.arange(3), np.array([1.0, 0.2, -0.5]))
+    scores = arms.reward_estimates
+    assert scores[0] > scores[1] > scores[2]
+    arms.quotas(30, np.array([10, 10, 10, 10]))  # arm 3 opens
+    scores = arms.reward_estimates
+    assert scores[3] >= scores[:3].max()
+    pi = arms.weights
+    assert pi[3] >= pi[:3].max() - 1e-12
+    if name == "exp3":
+        assert scores[3] == scores[:3].max()
+        # Its first reward ends the optimism: it is judged from the neutral start (the mean of
+        # the observed arms), so an arm drawn once (a tiny cluster) keeps no unearned share.
+        mean = arms.reward_estimates[:3].mean()
+        arms.update(np.array([3]), np.array([0.2]))
+        assert arms.reward_estimates[3] < (mean + scores[3]) / 2
+
+
+def test_exp3_states_saved_before_the_optimistic_start_restore_as_observed() -> None:
+    arms = Exp3Arms()
+    arms.quotas(10, np.array([5, 5]))
+    arms.update(np.array([0, 1]), np.array([1.0, 0.0]))
+    state = {k: v for k, v in arms.get_state().items() if k != "fresh"}
+    restored = Exp3Arms()
+    restored.reset(state)
+    np.testing.assert_array_equal(restored.get_state()["fresh"], [0.0, 0.0])
+    np.testing.assert_array_equal(restored.weights, arms.weights)

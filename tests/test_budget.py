@@ -96,3 +96,25 @@ def test_the_budget_holds_prunes_copies_first_and_pruned_samples_are_never_serve
         assert len(np.unique(served)) <= BUDGET
     finally:
         again.stop()
+
+
+def test_embeddings_come_from_the_embedding_column_when_one_is_named(ray_session, pool, tmp_path):
+    from actors.scorer import ScorerActor
+    from loader.reader import read_with_ids
+    from loader.scoring import ModelSpec
+
+    paths, weights = pool
+    reference = ModelSpec("loader.models:mlp", weights=weights)
+    shard = read_with_ids(paths[0], 0)
+    x = to_numpy(shard.table.column("x"))
+    by_body = ScorerActor.remote(reference, "x", "y", str(tmp_path / "a"))
+    by_column = ScorerActor.remote(reference, "x", "y", str(tmp_path / "b"), embedding_column="x")
+    (loss_a, body), (loss_b, column) = ray.get([by_body.score.remote(shard), by_column.score.remote(shard)])
+    np.testing.assert_array_equal(loss_a, loss_b)  # the reference loss is the model's either way
+    np.testing.assert_array_equal(column, x)
+    assert body.shape != column.shape or not np.array_equal(body, column)
+    missing = ScorerActor.remote(reference, "x", "y", None, embedding_column="nope")
+    with pytest.raises(ray.exceptions.RayTaskError, match="embedding column 'nope' is not in the shard"):
+        ray.get(missing.score.remote(shard))
+    for actor in (by_body, by_column, missing):
+        ray.kill(actor)

@@ -23,6 +23,7 @@ from loader.selection.clusters import OnlineClusters
 from loader.selection.diversity import EmbeddingMemory
 from loader.selection.options import SelectionOptions
 from loader.selection.policies import resolve
+from loader.selection.rewards import ClusterReward
 from loader.selection.selector import Selector
 
 N = 8  # steps of a run
@@ -117,6 +118,28 @@ def _bandit_step(arms: Exp3Arms | UcbArms, i: int) -> Arrays:
 def _bandit_observe(arms: Exp3Arms | UcbArms) -> Arrays:
     return {"weights": arms.weights, "reward_estimates": arms.reward_estimates,
             "probabilities": arms.probabilities(np.arange(arms.num_arms) % 2 == 0)}  # fmt: skip
+
+
+# -- ClusterReward ---------------------------------------------------------------------------------
+
+
+def _reward_step(reward: ClusterReward, i: int) -> Arrays:
+    rng = _rng(10, i)
+    k = 3 + i // 2  # clusters appear as they open; -1: a sample of a shard not clustered
+    learner = rng.gamma(2.0, size=40)
+    learner[rng.random(40) < 0.1] = np.nan  # nothing known of it yet
+    reward.observe_candidates(rng.integers(-1, k, 40), learner, rng.gamma(1.5, size=40))
+    if i % 3 == 2:  # no report between two selections: the next reward covers both
+        return {}
+    previous = rng.gamma(2.0, size=12)
+    previous[rng.random(12) < 0.3] = np.nan  # first reports
+    reward.observe_reports(rng.integers(0, k, 12), previous, rng.gamma(2.0, size=12))
+    arms, rewards = reward.take()
+    return {"arms": arms, "rewards": rewards}
+
+
+def _reward_observe(reward: ClusterReward) -> Arrays:
+    return {"estimates": reward.estimates(8), "trends": reward.trends}
 
 
 # -- EmbeddingMemory -------------------------------------------------------------------------------
@@ -218,6 +241,7 @@ STAGES = {
                       _clusters_step, _clusters_observe),  # fmt: skip
     "exp3": Stage(lambda: Exp3Arms(gamma=0.2, eta=2.0, seed=3), _bandit_step, _bandit_observe),
     "ucb": Stage(lambda: UcbArms(gamma=0.2, eta=2.0, seed=3, discount=0.9), _bandit_step, _bandit_observe),
+    "reward": Stage(lambda: ClusterReward(fast=0.2, slow=0.05), _reward_step, _reward_observe),
     "memory": Stage(lambda: EmbeddingMemory(16), _memory_step, _memory_observe),
     "ledger": Stage(lambda: Ledger(world_size=2), _ledger_step, _ledger_observe),
     "selector-uniform": _selector_stage("uniform"),

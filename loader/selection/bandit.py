@@ -9,10 +9,18 @@ because what is worth learning moves as the learner trains), and π is turned in
 by largest remainders. `Exp3Arms` scores arms by importance-weighted rewards as Online Data Mixing
 does; `UcbArms` by an upper confidence bound on the mean reward.
 
-Rewards come from reported losses (`reward_from_feedback`: a cluster's mean learnability). Losses
-have no fixed scale, so every bandit first normalises each update's per-arm rewards by running
-statistics (`_RewardScale`) to [−1, 1]; η then reads as "nats of preference per unit of
-normalised reward", the same for every dataset and loss.
+Rewards come from `loader.selection.rewards.ClusterReward` (the learnability every scored
+candidate of a cluster still offers, plus a term for a cluster whose loss is rising again; the
+Selector gives one update per feedback). `reward_from_feedback` (the mean learnability of the
+reported samples alone) is the former reward, kept for comparison: reported samples are the
+survivors of selection, so it judged a cluster by its best members. Losses have no fixed scale,
+so every bandit first normalises each update's per-arm rewards by running statistics
+(`_RewardScale`) to [−1, 1]; η then reads as "nats of preference per unit of normalised reward",
+the same for every dataset and loss.
+
+New arms start optimistic, so a newly opened cluster is tried soon: EXP3 gives it the best
+observed arm's score until its first reward, UCB scores an arm never observed at least as high as
+the best observed one.
 """
 
 from __future__ import annotations
@@ -40,6 +48,9 @@ def reward_from_feedback(
     cluster_ids: npt.ArrayLike, learner_loss: npt.ArrayLike, ref_loss: npt.ArrayLike
 ) -> tuple[np.ndarray, np.ndarray]:
     """(arms: int64 ids in increasing order, rewards: float64 mean learnability of each).
+
+    The bandit's former reward, over reported (i.e. selected) samples only; the Selector now
+    uses `loader.selection.rewards.ClusterReward`, which sees every candidate.
 
     Learnability is learner loss − reference loss (see `scores.learnability`): a cluster pays when
     its samples are still unlearnt but learnable. Samples with a NaN or infinite loss are left out;
@@ -303,7 +314,13 @@ class Exp3Arms(_SoftmaxArms):
     draw, so under uniform π R̂ is just the smoothed reward and η keeps the meaning given above.
     A rarely drawn arm that pays is boosted (up to 1/γ times), which is how EXP3 explores.
     α = `smoothing` forgets old rewards, since what a cluster is worth changes during training.
-    New arms start at the mean R̂ of the others: neither favoured nor starved.
+    New arms start optimistic, at the best R̂ of the arms observed so far (0 while there are
+    none), so a newly opened cluster gets a large share of its first draws and is tried at once.
+    The optimism lasts until the arm's first reward: that update starts from the mean R̂ of the
+    observed arms instead (neither favoured nor starved, where every arm used to start), so an
+    arm is judged on what it earns, and a tiny cluster that is rarely drawn does not keep a share
+    it never earned. (Starting at the mean alone, as before, left a new cluster at an average
+    share, which under a concentrated π meant it was barely drawn.)
     """
 
     def __init__(self, gamma: float = 0.1, eta: float = 1.0, seed: int = 0, smoothing: float = 0.9) -> None:
@@ -322,21 +339,34 @@ class Exp3Arms(_SoftmaxArms):
         unknown = np.isnan(share)
         if unknown.any():
             share[unknown] = self.weights[ids[unknown]] * self.num_arms
+        fresh = self._fresh[ids] > 0
+        if fresh.any():  # a first reward: the optimistic start gives way to the neutral one
+            self._value[ids[fresh]] = self._start(np.mean)
+            self._fresh[ids] = 0.0
         a = self.smoothing
         self._value[ids] = a * self._value[ids] + (1 - a) * rewards / share
 
+    def _start(self, reduce) -> float:
+        observed = self._value[self._fresh == 0]
+        return float(reduce(observed)) if len(observed) else 0.0
+
     def _add_arms(self, extra: int) -> None:
-        start = self._value.mean() if len(self._value) else 0.0
-        self._value = np.concatenate([self._value, np.full(extra, start)])
+        self._value = np.concatenate([self._value, np.full(extra, self._start(np.max))])
+        self._fresh = np.concatenate([self._fresh, np.ones(extra)])
 
     def _arguments(self) -> dict[str, np.ndarray]:
         return {**super()._arguments(), "smoothing": np.array(self.smoothing, np.float64)}
 
     def _reset_arms(self, state: dict[str, np.ndarray] | None) -> None:
         self._value = np.zeros(0) if state is None else np.array(state["value"], np.float64)
+        # 1: no reward yet. A state saved before this was kept has every arm observed.
+        fresh = None if state is None else state.get("fresh")
+        self._fresh = np.zeros(len(self._value)) if fresh is None else np.array(fresh, np.float64)
+        if self._fresh.shape != self._value.shape:
+            raise ValueError("inconsistent bandit state: per-arm arrays differ in length")
 
     def _arm_state(self) -> dict[str, np.ndarray]:
-        return {"value": self._value.copy()}
+        return {"value": self._value.copy(), "fresh": self._fresh.copy()}
 
 
 class UcbArms(_SoftmaxArms):
@@ -346,8 +376,9 @@ class UcbArms(_SoftmaxArms):
     discounted by `discount` at every update for every arm, so an arm not heard from for a while
     regains its bonus and is tried again (rewards drift as the learner trains); N = Σ n_i. An arm
     never observed has mean 0 (the normalised centre) and n_i floored at `_MIN_COUNT`, which makes
-    its bonus large: untried clusters are tried first. No importance weights: a mean estimated from
-    the arm's own observations is not biased by how often it is drawn.
+    its bonus large, and its score is never below the best observed arm's: untried clusters are
+    tried first. No importance weights: a mean estimated from the arm's own observations is not
+    biased by how often it is drawn.
     """
 
     _MIN_COUNT = 1e-2
@@ -373,7 +404,13 @@ class UcbArms(_SoftmaxArms):
         n = self._count[ids]
         mean = np.divide(self._sum[ids], n, out=np.zeros(len(ids)), where=n > 0)
         total = self._count.sum()
-        return mean + self.exploration * np.sqrt(2 * np.log1p(total) / np.maximum(n, self._MIN_COUNT))
+        scores = mean + self.exploration * np.sqrt(2 * np.log1p(total) / np.maximum(n, self._MIN_COUNT))
+        # Never observed: at least the best observed arm's score (the floored count makes that so
+        # in all but corner cases; this makes it so always).
+        fresh = n == 0
+        if fresh.any() and not fresh.all():
+            scores[fresh] = np.maximum(scores[fresh], scores[~fresh].max())
+        return scores
 
     def _learn(self, ids: np.ndarray, rewards: np.ndarray) -> None:
         self._sum *= self.discount

@@ -22,6 +22,7 @@ from loader.selection.selectors import SELECTORS
 __all__ = ["SelectionOptions", "keep_count", "parse_options", "split_policy", "super_batch_size"]
 
 LEARNER_LOSSES = ("feedback", "snapshot")
+IRREDUCIBLE_LOSSES = ("reference", "learner_best")
 BANDIT_NAMES = ("none", "exp3", "ucb")
 _SELECTOR_NAMES = tuple(sorted(SELECTORS))
 # "package.module:factory", the factory possibly a dotted attribute path (Class.create).
@@ -104,6 +105,11 @@ class SelectionOptions:
     diversity: Annotated[float, _NUMBER, Interval(ge=0)] = 0.0
     memory_size: Annotated[int, _NUMBER, Interval(ge=1)] = 1024  # embeddings of recently served samples (FIFO)
     chunk: Annotated[int, _NUMBER, Interval(ge=1)] = 32  # joint selection picks this many at a time, re-scoring between
+    # What learnability subtracts from the learner's loss: "reference", the reference model's loss
+    # (RHO-LOSS), or "learner_best", the lowest loss the learner has had on the sample (0 for a
+    # sample never reported). The second needs no reference model: for a living pool, whose new
+    # tasks a reference trained on the first ones does not know (docs/decisions.md).
+    irreducible_loss: Annotated[Literal[IRREDUCIBLE_LOSSES], _TEXT] = "reference"
 
     @property
     def needs_embeddings(self) -> bool:

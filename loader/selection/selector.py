@@ -1,8 +1,10 @@
 """The Selector of one job: what it knows of the pool, and how it chooses a batch from candidates.
 
 It owns the policy, the per-sample metadata (`PoolIndex`: reference scores, reported learner
-losses, cluster ids), the clusterer, the bandit whose quotas shape each super-batch draw, and the
-memory of served embeddings. No Ray and no delivery here: epochs and streams both ask it the same
+losses, cluster ids), the clusterer, the bandit whose quotas shape each super-batch draw and the
+reward it learns from (`ClusterReward`: every selection's candidates are its evidence, reports
+add the change of each re-reported loss, and each feedback is one bandit update), and the memory
+of served embeddings. No Ray and no delivery here: epochs and streams both ask it the same
 question, `select(candidates, learner_loss) -> (kept ids, weights)`.
 
 State follows the project's one contract: `get_state()` gives flat numpy arrays, and
@@ -17,10 +19,11 @@ import time
 import numpy as np
 
 from loader.pool import PoolIndex, UnknownSamples
-from loader.selection.bandit import get_bandit, reward_from_feedback
+from loader.selection.bandit import get_bandit
 from loader.selection.diversity import EmbeddingMemory
 from loader.selection.options import SelectionOptions, keep_count
 from loader.selection.policies import make_policy
+from loader.selection.rewards import ClusterReward
 from loader.selection.scores import fill_missing
 
 
@@ -41,7 +44,8 @@ class Selector:
         self.super_batch = self.policy.super_batch(batch_size)
         # Snapshot mode gets learner losses from a scorer, asynchronously, per super-batch.
         self.needs_snapshot = self.policy.needs_learner and options.learner_loss == "snapshot"
-        self.needs_scores = self.policy.needs_reference or options.needs_embeddings
+        self.uses_reference_model = self.policy.needs_reference and options.irreducible_loss == "reference"
+        self.needs_scores = self.uses_reference_model or options.needs_embeddings
         self.reset()
 
     # -- state -----------------------------------------------------------------------------------
@@ -58,7 +62,7 @@ class Selector:
         # Each part is built as for a new Selector, then reset to its saved part (None: fresh).
         self.pool = PoolIndex()
         self.pool.reset(parts.get("pool"))
-        self.clusters = self.bandit = self.memory = None
+        self.clusters = self.bandit = self.reward = self.memory = None
         if options.bandit != "none":
             from loader.selection.clusters import OnlineClusters  # scikit-learn: only when used
 
@@ -68,6 +72,9 @@ class Selector:
             self.clusters.reset(parts.get("clusters"))
             self.bandit = get_bandit(options.bandit)(gamma=options.gamma, eta=options.eta, seed=self.seed)
             self.bandit.reset(parts.get("bandit"))
+            # A state saved before the reward had a state of its own has none: it starts fresh.
+            self.reward = ClusterReward()
+            self.reward.reset(parts.get("reward"))
         if options.diversity > 0:
             self.memory = EmbeddingMemory(options.memory_size)
             self.memory.reset(parts.get("memory"))
@@ -78,7 +85,7 @@ class Selector:
 
     def get_state(self) -> dict[str, np.ndarray]:
         parts = {"pool": self.pool.get_state()}
-        for name in ("clusters", "bandit", "memory"):
+        for name in ("clusters", "bandit", "reward", "memory"):
             if getattr(self, name) is not None:
                 parts[name] = getattr(self, name).get_state()
         state = {f"{part}.{key}": value for part, values in parts.items() for key, value in values.items()}
@@ -123,9 +130,18 @@ class Selector:
         """Chooses the batch from the candidates `ids`. `learner_loss` is per candidate (snapshot
         mode) or None: reported losses, else their cluster's running mean, are used when the policy needs them."""
         started = time.perf_counter()
-        ref_loss = self.pool.reference_loss(ids) if self.policy.needs_reference else None
+        ref_loss = self._irreducible(ids) if self.policy.needs_reference else None
+        # What is known of each candidate's learner loss: given (snapshot), else its last report,
+        # else its cluster's fallback; NaN where nothing is known yet.
+        known = learner_loss
+        if learner_loss is None and (self.policy.needs_learner or self.reward is not None):
+            known = _known_learner_loss(self.pool, ids)
         if self.policy.needs_learner and learner_loss is None:
-            learner_loss = fill_missing(self.pool.learner_loss(ids), self.pool.fallback_learner_loss(ids))
+            learner_loss = fill_missing(known, 0.0)
+        if self.reward is not None:
+            # Every candidate is evidence for its cluster's reward, survivor or not.
+            reference = ref_loss if ref_loss is not None else self._irreducible(ids)
+            self.reward.observe_candidates(self.pool.cluster_of(ids), known, reference)
         k = keep_count(len(ids), self.super_batch, self.batch_size)
         embeddings = self.pool.embedding(ids) if self.memory is not None else None
         picks, weights = self.policy.select(
@@ -145,36 +161,67 @@ class Selector:
         self.selections += 1
         return Selection(picks, kept, weights)
 
+    def _irreducible(self, ids: np.ndarray) -> np.ndarray:
+        """What learnability subtracts from the learner's loss (option `irreducible_loss`): the
+        reference model's loss, or the learner's own best (0 for a sample never reported, whose
+        whole loss is then taken as learnable)."""
+        if self.options.irreducible_loss == "learner_best":
+            return fill_missing(self.pool.best_learner_loss(ids), 0.0)
+        return self.pool.reference_loss(ids)
+
     # -- what trainers report --------------------------------------------------------------------
 
     def feedback(self, ids: np.ndarray, losses: np.ndarray) -> str:
-        """Stores reported losses; returns why they were rejected, or ''. Rejection changes nothing."""
+        """Stores reported losses; returns why they were rejected, or ''. Rejection changes nothing.
+
+        With a bandit, each accepted report is one bandit update: the reward of every cluster
+        that had candidates since the last one (`ClusterReward.take`), after the report's
+        changes of loss (new − previously reported, per re-reported sample) are taken in."""
         try:
+            previous = self._previous_losses(ids, losses)
             self.pool.record_losses(ids, losses)
         except (ValueError, UnknownSamples) as exc:
             return str(exc)
         if self.bandit is not None:
             ids = np.asarray(ids, dtype=np.int64)
-            clusters = self.pool.cluster_of(ids)
-            known = clusters >= 0
-            if known.any():
-                self.bandit.update(*reward_from_feedback(clusters[known], np.asarray(losses)[known],
-                                                         self.pool.reference_loss(ids[known])))  # fmt: skip
+            self.reward.observe_reports(self.pool.cluster_of(ids), previous, np.asarray(losses, np.float32))
+            arms, rewards = self.reward.take()
+            if len(arms):
+                self.bandit.update(arms, rewards)
         return ""
 
+    def _previous_losses(self, ids: np.ndarray, losses: np.ndarray) -> np.ndarray | None:
+        """The losses reported samples had before this report (NaN: none), where a reward needs
+        them and the report is well-formed; what is not well-formed `record_losses` rejects."""
+        ids, losses = np.asarray(ids), np.asarray(losses)
+        if self.reward is None or ids.ndim != 1 or ids.shape != losses.shape or not np.isfinite(losses).all():
+            return None
+        ids = ids.astype(np.int64)
+        self.pool.check_ids(ids)  # UnknownSamples, with the message record_losses would give
+        return self.pool.learner_loss(ids)
+
     def cluster_stats(self) -> list[dict]:
-        """Per cluster: pool members, bandit weight, its reward estimate, batches' samples served."""
+        """Per cluster: pool members, bandit weight, its reward estimate, batches' samples served.
+
+        The reward estimate is `ClusterReward.estimates`: the raw reward in nats, before the bandit
+        normalises it (optimistic for a cluster not yet observed)."""
         if self.clusters is None:
             return []
         sizes, ref_loss = self.pool.cluster_sizes()
-        k = max(len(sizes), self.bandit.num_arms, len(self.served_per_cluster))
-        weights, rewards = _pad(self.bandit.weights, k), _pad(self.bandit.reward_estimates, k)
+        k = max(len(sizes), self.bandit.num_arms, self.reward.num_clusters, len(self.served_per_cluster))
+        weights, rewards = _pad(self.bandit.weights, k), self.reward.estimates(k)
         sizes, ref_loss, served = _pad(sizes, k), _pad(ref_loss, k), _pad(self.served_per_cluster, k)
         return [
             {"id": c, "size": int(sizes[c]), "weight": float(weights[c]), "reward": float(rewards[c]),
              "served": int(served[c]), "reference_loss": float(ref_loss[c])}
             for c in range(k)
         ]  # fmt: skip
+
+
+def _known_learner_loss(pool: PoolIndex, ids: np.ndarray) -> np.ndarray:
+    """float64 per id: its last reported loss, else its cluster's fallback, else NaN."""
+    reported = pool.learner_loss(ids).astype(np.float64)
+    return np.where(np.isnan(reported), pool.fallback_learner_loss(ids), reported)
 
 
 def _pad(values: np.ndarray, n: int) -> np.ndarray:
