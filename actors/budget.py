@@ -25,7 +25,7 @@ REASONS = (NEAR_DUPLICATE, LOW_VALUE)  # stored as their position here
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class BudgetActor(ProcessInfo):
     def __init__(self, state_dir: str, max_samples: int, max_clusters: int, seed: int = 0) -> None:
-        self._store = StateStore(state_dir)
+        self._store, self._seed = StateStore(state_dir), seed
         self._budget = PoolBudget(max_samples, max_clusters=max_clusters, seed=seed)
         saved = self._store.load_arrays(BUDGET_FILE)
         self._admitted = np.zeros(0, np.int64)  # shard indices, sorted
@@ -43,8 +43,11 @@ class BudgetActor(ProcessInfo):
         if self.admitted(index):
             return np.zeros(0, np.int64)
         ids = make_ids(index, len(ref_loss))
-        # Without a reference model (embeddings from a column) every sample is worth the same.
-        value = np.nan_to_num(-np.asarray(ref_loss, np.float64), nan=0.0)
+        # Without a reference model (embeddings from a column) no sample is known to be worth more:
+        # a value drawn at random (seeded by the shard) then favours neither old nor new ones.
+        value = -np.asarray(ref_loss, np.float64)
+        unknown = np.isnan(value)
+        value[unknown] = -np.random.default_rng([self._seed, index]).random(int(unknown.sum()))
         pruned = self._budget.admit(ids, embeddings, value)
         codes = np.array([REASONS.index(r) for r in pruned.reasons], np.int8)
         order = np.argsort(np.concatenate([self._pruned, pruned.ids]), kind="stable")

@@ -48,8 +48,9 @@ class CuratorActor(ProcessInfo):
         self._store, self._folder = StateStore(state_dir), job_folder(spec.job)
         self._core = Curator(spec, settings, journal=self._journal)
         self._restore()
-        if budget is not None:  # what the pool budget pruned before this curator started
-            self._core.prune(ray.get(budget.pruned.remote()))
+        # What the pool budget pruned before this curator started: fetched (awaited) before the
+        # first epoch starts, since nothing is chosen before that.
+        self._budget = budget
         self._checkpointed = time.monotonic()
         self._checkpointing: asyncio.Task | None = None
         self._learner_scorer = learner_scorer(scorers, spec.job) if scorers else None
@@ -208,6 +209,9 @@ class CuratorActor(ProcessInfo):
 
     async def _feed(self, epoch: int) -> None:
         try:
+            if self._budget is not None:
+                self._core.prune(await self._budget.pruned.remote())
+                self._budget = None  # later prunings arrive by `prune`
             arrivals = self._arrivals
             shards = await self._registry.readable.remote()
             queue = collections.deque(self._core.start_epoch(epoch, shards))
