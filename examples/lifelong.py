@@ -5,11 +5,16 @@
 
 What it shows, with the public pieces only:
 - `loader serve` (a child process on a local Ray) over the first stage's shards, with a pool
-  budget (`max_samples`) and a reference model trained on the first stage's clean holdout;
-- one `RemoteLoader(..., stream=True)` loop that never restarts: it reports per-sample losses,
+  budget (`max_samples`) that compares the inputs themselves (`columns.embedding: x`): no
+  reference model, since one trained on the first stage knows nothing of the later ones;
+- one `RemoteLoader(..., stream=True)` loop that never restarts, curated by learnability
+  against the learner's own best loss (`irreducible_loss: learner_best`); it reports losses,
   and at each stage the next stage's shards join with `add_shards` (what `loader add-shards`
   does), so the trainer sees the new classes within a few batches;
 - after each stage, the test accuracy on every task seen so far, and what the budget kept.
+
+`--policy uniform` gives the same stream uncurated. How both compare with continual-learning
+baselines is in BENCHMARKS.md ("Lifelong pools"): curation does not win there yet.
 """
 
 from __future__ import annotations
@@ -28,8 +33,6 @@ from loader import RemoteLoader
 from loader.client.admin import add_shards, fetch_stats
 from loader.demo import ServiceProcess
 from loader.models import mlp
-from loader.reference import train_reference
-from loader.scoring import ModelSpec
 from loader.sources.writers import write_parquet
 
 STAGES = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
@@ -45,15 +48,14 @@ def mnist1d(samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x, np.concatenate([data["y"], data["y_test"]]).astype(np.int64)
 
 
-def write_stages(out: str, label_noise: float, seed: int) -> tuple[list[list[str]], str, list]:
-    """Per stage: train shards (labels partly corrupted); the first stage's clean holdout; and
-    per stage a clean test split."""
+def write_stages(out: str, label_noise: float, seed: int) -> tuple[list[list[str]], list]:
+    """Per stage: train shards (labels partly corrupted) and a clean test split."""
     x, y = mnist1d(8000, seed)
     rng = np.random.default_rng(seed)
-    stages, tests, holdout = [], [], None
+    stages, tests = [], []
     for s, classes in enumerate(STAGES):
         rows = rng.permutation(np.flatnonzero(np.isin(y, classes)))
-        test, hold, train = rows[:200], rows[200:400], rows[400:]
+        test, train = rows[:200], rows[200:]
         labels = y[train].copy()
         flip = rng.random(len(train)) < label_noise
         labels[flip] = rng.integers(0, 10, flip.sum())
@@ -63,10 +65,7 @@ def write_stages(out: str, label_noise: float, seed: int) -> tuple[list[list[str
             write_parquet(paths[-1], {"x": x[train][chunk], "y": labels[chunk]})
         stages.append(paths)
         tests.append((torch.from_numpy(x[test]), torch.from_numpy(y[test])))
-        if s == 0:
-            holdout = os.path.join(out, "holdout-stage0.parquet")
-            write_parquet(holdout, {"x": x[hold], "y": y[hold]})
-    return stages, holdout, tests
+    return stages, tests
 
 
 @torch.no_grad()
@@ -89,9 +88,7 @@ def main() -> None:
     args = parser.parse_args()
 
     out = tempfile.mkdtemp(prefix="loader-lifelong-")
-    stages, holdout, tests = write_stages(out, args.label_noise, args.seed)
-    weights = os.path.join(out, "reference.pt")
-    train_reference(ModelSpec("loader.models:mlp"), [holdout], weights, epochs=30, progress=False)
+    stages, tests = write_stages(out, args.label_noise, args.seed)
     config = os.path.join(out, "service.yaml")
     with open(config, "w") as f:
         yaml.safe_dump({"shards": stages[0], "address": "127.0.0.1:0", "max_samples": args.budget,
