@@ -59,6 +59,11 @@ class BudgetActor(ProcessInfo):
                                               "reasons": self._reasons})  # fmt: skip
         return np.sort(pruned.ids)
 
+    def state(self) -> dict[str, np.ndarray]:
+        """The budget's state (kept ids, embeddings, values, clusters and centroids), for tests
+        and operators' tooling."""
+        return self._budget.get_state()
+
     def pruned(self) -> np.ndarray:
         """Every id pruned so far, sorted."""
         return self._pruned

@@ -83,12 +83,17 @@ def test_the_budget_holds_prunes_copies_first_and_pruned_samples_are_never_serve
     assert not np.isin(served, pruned).any(), "a pruned sample was served"
 
     state = ray.get(budget_of(service).stats.remote()), pruned
+    kept = ray.get(budget_of(service).state.remote())
     service.stop()
     again = serve_pool(serve, paths + copies, weights, state_dir)
     try:
         restored = ray.get(budget_of(again).stats.remote()), ray.get(budget_of(again).pruned.remote())
         assert restored[0] == state[0]
         np.testing.assert_array_equal(restored[1], state[1])
+        again_kept = ray.get(budget_of(again).state.remote())  # kept ids, clusters and centroids
+        assert again_kept.keys() == kept.keys()
+        for name, values in kept.items():
+            np.testing.assert_array_equal(again_kept[name], values, err_msg=name)
         with RemoteLoader(again.address, job="after-restart", batch_size=BATCH, stream=True, max_steps=40,
                           timeout_s=LOADER_TIMEOUT_S) as fresh:  # fmt: skip
             served = np.concatenate([batch["_id"].numpy() for batch in fresh])
