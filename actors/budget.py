@@ -43,21 +43,35 @@ class BudgetActor(ProcessInfo):
         if self.admitted(index):
             return np.zeros(0, np.int64)
         ids = make_ids(index, len(ref_loss))
-        # Without a reference model (embeddings from a column) no sample is known to be worth more:
-        # a value drawn at random (seeded by the shard) then favours neither old nor new ones.
-        value = -np.asarray(ref_loss, np.float64)
-        unknown = np.isnan(value)
-        value[unknown] = -np.random.default_rng([self._seed, index]).random(int(unknown.sum()))
-        pruned = self._budget.admit(ids, embeddings, value)
+        pruned = self._budget.admit(ids, embeddings, self._value(index, ref_loss))
         codes = np.array([REASONS.index(r) for r in pruned.reasons], np.int8)
         order = np.argsort(np.concatenate([self._pruned, pruned.ids]), kind="stable")
         self._pruned = np.concatenate([self._pruned, pruned.ids])[order]
         self._reasons = np.concatenate([self._reasons, codes])[order]
         self._admitted = np.union1d(self._admitted, [index]).astype(np.int64)
+        self._save()
+        return np.sort(pruned.ids)
+
+    def _value(self, index: int, ref_loss: np.ndarray) -> np.ndarray:
+        # Without a reference model (embeddings from a column) no sample is known to be worth more:
+        # a value drawn at random (seeded by the shard) then favours neither old nor new ones.
+        value = -np.asarray(ref_loss, np.float64)
+        unknown = np.isnan(value)
+        value[unknown] = -np.random.default_rng([self._seed, index]).random(int(unknown.sum()))
+        return value
+
+    def _save(self) -> None:
         state = {f"pool.{k}": v for k, v in self._budget.get_state().items()}
         self._store.save_arrays(BUDGET_FILE, {**state, "admitted": self._admitted, "pruned": self._pruned,
                                               "reasons": self._reasons})  # fmt: skip
-        return np.sort(pruned.ids)
+
+    def revalue(self, index: int, ref_loss: np.ndarray) -> None:
+        """New reference losses of shard `index` (a refreshed reference): the values its kept
+        samples are compared by from now on. Nothing is pruned now; the next admission prunes."""
+        if not self.admitted(index):
+            return
+        self._budget.update_value(make_ids(index, len(ref_loss)), self._value(index, ref_loss))
+        self._save()
 
     def state(self) -> dict[str, np.ndarray]:
         """The budget's state (kept ids, embeddings, values, clusters and centroids), for tests

@@ -106,6 +106,11 @@ class CuratorActor(ProcessInfo):
         """The pool budget pruned `ids`: never served from now on."""
         self._core.prune(ids)
 
+    def reference_replaced(self) -> None:
+        """The service has a new reference: each shard takes its new reference losses when next
+        read (until then its old ones serve)."""
+        self._core.pool.reference_replaced()
+
     async def shards_added(self) -> None:
         """The pool has new shards: a stream job's pass in progress reads them next."""
         self._arrivals += 1
@@ -122,6 +127,11 @@ class CuratorActor(ProcessInfo):
     def snapshot_pushed(self, step: int) -> None:
         """A trainer pushed learner weights of `step`: the clock of snapshot staleness."""
         self._core.snapshot_pushed(step)
+
+    def reference_loss(self, ids: np.ndarray) -> np.ndarray:
+        """The reference loss this job's selection uses for each sample id (NaN: not scored yet),
+        for analysis tools and tests."""
+        return self._core.pool.reference_loss(np.asarray(ids, np.int64))
 
     def cluster_of(self, ids: np.ndarray) -> np.ndarray:
         self._core.pool.check_ids(ids)  # an unknown id is named, not a KeyError

@@ -41,6 +41,9 @@ class JobHandle:
     def prune(self, ids: np.ndarray):
         return self._actor.prune.remote(ids)
 
+    def reference_replaced(self):
+        return self._actor.reference_replaced.remote()
+
     def shards_added(self):
         return self._actor.shards_added.remote()
 

@@ -24,6 +24,7 @@ from actors.budget import BudgetActor
 from actors.curator import CuratorActor
 from actors.job import JobHandle
 from actors.reader import ShardReaderActor
+from actors.refresh import REFERENCE_FILE, Rescoring
 from actors.registry import RegistryActor
 from actors.runtime import ensure_ray
 from actors.routing import learner_scorer
@@ -53,12 +54,16 @@ class Pipeline:
         self._owns_state = config.state_dir is None
         self.state_dir = tempfile.mkdtemp(prefix="loader-state-") if self._owns_state else os.path.abspath(config.state_dir)
         self._store = StateStore(self.state_dir)
+        # The model that gives reference losses: the config's, or the one `set_reference` put in
+        # place before a restart (kept in state_dir).
+        self._loss_reference = self._saved_reference()
         self._settings = CuratorSettings(
             shuffle_rows=config.shuffle_rows, ready_batches=config.ready_batches, select_ahead=config.select_ahead,
             checkpoint_s=config.checkpoint_s,
         )
         self._registry = RegistryActor.remote(self.state_dir)
-        self._readers = [ShardReaderActor.remote(config.reader_cache_mb << 20) for _ in range(config.readers)]
+        placed = ShardReaderActor.options(resources=dict(config.reader_resources)) if config.reader_resources else ShardReaderActor
+        self._readers = [placed.remote(config.reader_cache_mb << 20) for _ in range(config.readers)]
         # Scorers start with the first job that needs them: a uniform-only service never pays for
         # a model (and its worker process).
         self._scorers: list = []
@@ -68,6 +73,7 @@ class Pipeline:
             self._budget = BudgetActor.remote(self.state_dir, config.max_samples, config.selection.max_clusters)
             self._start_scorers()  # every shard is scored when it joins the pool
         self._arrivals = Arrivals(self._registry, self._readers, lambda: self._scorers, self._budget, self._pruned)
+        self._rescoring = Rescoring(self._readers, lambda: self._scorers, self._budget)
         uris = expand(list(config.shards))
         if not uris:
             raise ConfigError("shards", f"{list(config.shards)} matched no files")
@@ -90,6 +96,48 @@ class Pipeline:
         in the background: serving starts at once and pruned samples stop being served as soon
         as they are pruned."""
         await self._arrivals.admit_pool()
+
+    def _saved_reference(self) -> ModelSpec | None:
+        saved = self._store.load_json(REFERENCE_FILE)
+        if saved is None or self.config.reference is None:
+            return self.config.reference
+        spec = dataclasses.replace(self.config.reference, weights=saved["weights"])
+        try:
+            build_model(spec)
+        except Exception as exc:  # the file went: score with the config's, and say so
+            log.warning("the reference set before the restart (%s) does not load (%s); using the config's",
+                        saved["weights"], exc)  # fmt: skip
+            return self.config.reference
+        log.info("reference losses from %s (set with set-reference before this start)", saved["weights"])
+        return spec
+
+    async def set_reference(self, weights: str) -> tuple[str, int]:
+        """Swaps a refreshed reference (the config's factory and kwargs, new weights) into the
+        running scorers and rescores the pool in the background; returns the new reference's
+        fingerprint and the shards to rescore. ConfigError (key "weights") if it does not load."""
+        if self.config.reference is None:
+            raise JobConflict("this service has no reference model (`reference` in its config) to replace")
+        spec = dataclasses.replace(self.config.reference, weights=os.path.abspath(os.path.expanduser(weights)))
+        if not os.path.isfile(spec.weights):
+            raise ConfigError("weights", f"{spec.weights} is not a file the service can read")
+        try:  # in a thread: loading a model must not stall the gateway's event loop
+            await asyncio.to_thread(build_model, spec)
+        except ConfigError as exc:
+            raise ConfigError("weights", str(exc)) from None
+        self._loss_reference = spec
+        fingerprint = spec.fingerprint()
+        await asyncio.gather(*(scorer.set_reference.remote(spec) for scorer in self._scorers))
+        self._store.save_json(REFERENCE_FILE, {"weights": spec.weights, "fingerprint": fingerprint})
+        await asyncio.gather(*(handle.reference_replaced() for handle in self._jobs.values()))
+        records = await self._registry.readable.remote()
+        if self._scorers:  # no scorer yet: the first one starts with this reference
+            self._rescoring.restart(records)
+        log.info("reference replaced by %s; rescoring %d shards in the background", spec.weights, len(records))
+        return fingerprint, len(records) if self._scorers else 0
+
+    async def rescored(self, timeout_s: float = 300.0) -> None:
+        """Waits until the pool is rescored with the newest reference (for tests and benchmarks)."""
+        await self._rescoring.wait(timeout_s)
 
     async def _pruned(self, ids: np.ndarray) -> None:
         await asyncio.gather(*(handle.prune(ids) for handle in self._jobs.values()))
@@ -158,6 +206,10 @@ class Pipeline:
             log.info("job %s idle for %.0f s: curator released (state kept)", job, self.config.job_idle_s)
         return released
 
+    async def ready(self) -> None:
+        """Returns once every actor started so far answers (each is placed and constructed)."""
+        await asyncio.gather(*(actor.process.remote() for group in self.actors().values() for actor in group))
+
     def actors(self) -> dict[str, list]:
         """Handles of the running actors by role (for operators' tooling and fault tests)."""
         return {
@@ -201,8 +253,9 @@ class Pipeline:
         config = self.config
         gpus = config.scorer_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0
         self._scorers = [
-            ScorerActor.options(num_gpus=gpus).remote(
-                config.reference, config.input_column, config.label_column, self.state_dir, config.embedding_column
+            ScorerActor.options(num_gpus=gpus, resources=dict(config.scorer_resources)).remote(
+                config.reference, config.input_column, config.label_column, self.state_dir, config.embedding_column,
+                self._loss_reference,
             )
             for _ in range(config.scorers)
         ]
@@ -239,6 +292,8 @@ class Pipeline:
             "jobs": list(jobs),
             "reference_scored_samples": sum(s["reference_samples"] for s in scorers),
             "reference_scoring_seconds": sum(s["reference_seconds"] for s in scorers),
+            "reference_weights": self._loss_reference.weights or "" if self._loss_reference is not None else "",
+            "rescore_pending": self._rescoring.pending,
             "scorer_devices": [s["device"] for s in scorers],
             "budget": await self._budget.stats.remote() if self._budget is not None else None,
         }

@@ -36,6 +36,10 @@ class ProcessInfo:
         """(actor class name, OS process id)."""
         return type(self).__name__, os.getpid()
 
+    def node(self) -> str:
+        """The Ray node id this actor runs on (placement checks, node-loss tests)."""
+        return ray.get_runtime_context().get_node_id()
+
 
 def shutdown() -> None:
     if ray.is_initialized():

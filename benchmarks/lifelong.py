@@ -16,19 +16,26 @@ only how the pool is kept and how batches are drawn from it differ:
   `max_samples` = the budget and the reference model; stage 0's shards are the service's starting
   pool, each later stage's shards are added with `loader.client.admin.add_shards` when the stage
   starts, and the trainer reports per-sample losses;
-- `curated_no_bandit`: the same with `learnability+diversity`.
+- `curated_no_bandit`: the same with `learnability+diversity`;
+- `pruned_uniform`: the same service and budget, but the stream job `uniform`: what the pool
+  budget's pruning does without any selection of batches (not one of the issue's five runs).
 
 The first three run in this process without a service (same model, optimiser, batch size, steps,
 budget and seeds); each curated run starts its own in-process service (Pipeline +
 BackgroundGateway on one local Ray) and stops it afterwards.
 
 The reference model is trained with `loader.reference.train_reference` on a clean holdout:
-`--reference first` (default) on stage 0's holdout only, which is what a lifelong deployment has
-at start; `--reference all` on every stage's holdout, an upper bound that reality does not offer.
+`--reference first` on stage 0's holdout only, which is what a lifelong deployment has at start;
+`--reference refresh` (default) starts so too, and each later stage brings its holdout: a reference
+trained on the holdouts of every stage so far is swapped into the running service with
+`loader.client.admin.set_reference` before the stage's shards are added (embeddings, and so
+clusters and `cluster_reservoir`, stay those of stage 0's reference); `--reference all` on every
+stage's holdout from the start, an upper bound that reality does not offer.
 
     python benchmarks/lifelong.py --quick --json benchmarks/results/lifelong-quick.json
     python benchmarks/lifelong.py --json benchmarks/results/lifelong.json
     python benchmarks/lifelong.py --quick --reference all --name lifelong-quick-refall
+    python benchmarks/lifelong.py --quick --reference first --name lifelong-quick-first
     python benchmarks/lifelong.py --quick --runs curated --curated-options keep_ratio=0.5 diversity=1
     python benchmarks/lifelong.py --quick --runs curated,curated_no_bandit --push-every 5 \
         --curated-options learner_loss=snapshot learner=loader.models:cnn1d
@@ -74,7 +81,7 @@ import lifelong_report
 from actors.pipeline import Pipeline
 from actors.runtime import ensure_ray, shutdown
 from loader.client import RemoteLoader
-from loader.client.admin import add_shards, fetch_stats
+from loader.client.admin import add_shards, fetch_stats, set_reference
 from loader.config import from_mapping
 from loader.datasets.mnist1d import _generate
 from loader.gateway.server import BackgroundGateway
@@ -87,8 +94,8 @@ from loader.sources.writers import write_parquet
 from pools import corrupt
 
 STAGES, CLASSES_PER_STAGE = 5, 2
-RUNS = ("fifo", "class_reservoir", "cluster_reservoir", "curated", "curated_no_bandit")
-SERVICE_RUNS = ("curated", "curated_no_bandit")
+RUNS = ("fifo", "class_reservoir", "cluster_reservoir", "curated", "curated_no_bandit", "pruned_uniform")
+SERVICE_RUNS = ("curated", "curated_no_bandit", "pruned_uniform")
 BUDGET_FIELDS = ("kept_samples", "pruned_near_duplicate", "pruned_low_value", "clusters")
 
 
@@ -110,15 +117,17 @@ class Settings:
     model: str = "cnn1d"
     reference_model: str = "cnn1d"
     reference_epochs: int = 40
-    reference: str = "first"
+    reference: str = "refresh"
     # What clusters, diversity and the budget compare: "reference" (the reference's body) or
     # "input" (the model input itself, as the service's `columns.embedding: x`).
-    embedding: str = "reference"
+    embedding: str = "input"
     batch_size: int = 64
     lr: float = 1e-3
     curated_policy: str = "learnability+bandit+diversity"
-    # The service's limits: small, as every run on this 2-core machine shares the CPUs.
-    shuffle_rows: int = 256
+    # The service's limits: small, as every run on this 2-core machine shares the CPUs, except the
+    # shuffle buffer: at the service's default it holds the whole pool (256 rows, a shard or two,
+    # made every batch one or two tasks: uniform over the pruned pool 0.25 against 0.56).
+    shuffle_rows: int = 4096
     ready_batches: int = 1
     prefetch_shards: int = 1
     prefetch: int = 2  # RemoteLoader credits
@@ -220,7 +229,7 @@ def composition(stream: Stream, positions: np.ndarray) -> dict:
 def make_reference(s: Settings, stream: Stream, out_dir: str) -> tuple[dict, str, np.ndarray]:
     """Trains the reference on the holdout `--reference` names: (metrics, weights path, embeddings
     of every stream row)."""
-    holdout = stream.holdout[0] if s.reference == "first" else [p for stage in stream.holdout for p in stage]
+    holdout = [p for stage in stream.holdout for p in stage] if s.reference == "all" else stream.holdout[0]
     weights = os.path.join(out_dir, "reference.pt")
     spec = ModelSpec(f"loader.models:{s.reference_model}")
     metrics = train_reference(spec, holdout, weights, epochs=s.reference_epochs, progress=False)
@@ -233,6 +242,22 @@ def make_reference(s: Settings, stream: Stream, out_dir: str) -> tuple[dict, str
         flush=True,
     )
     return metrics, weights, embeddings
+
+
+def refreshed_references(s: Settings, stream: Stream, first: str, out_dir: str) -> list[str]:
+    """Per stage, the reference a refresh swaps in when the stage starts: stage 0's is `first`,
+    stage k's is trained on the clean holdouts of stages 0..k (once, shared by every run)."""
+    paths = [first]
+    for stage in range(1, STAGES):
+        holdout = [p for part in stream.holdout[: stage + 1] for p in part]
+        paths.append(os.path.join(out_dir, f"reference-stage{stage}.pt"))
+        spec = ModelSpec(f"loader.models:{s.reference_model}")
+        metrics = train_reference(spec, holdout, paths[-1], epochs=s.reference_epochs, progress=False)
+        model = build_model(dataclasses.replace(spec, weights=paths[-1]))
+        accs = " ".join(f"{accuracy(model, *t):.2f}" for t in stream.test)
+        print(f"refreshed reference for stage {stage}: {metrics['samples']} holdout rows, {metrics['seconds']:.1f} s, "
+              f"test accuracy per task {accs}", flush=True)  # fmt: skip
+    return paths
 
 
 # -- in-process memories --------------------------------------------------------------------------
@@ -353,9 +378,15 @@ def pss_mib(pids: dict[str, int]) -> dict[str, float]:
 class Served:
     """Batches of a stream job on the service; stages after the first are added as they start."""
 
-    def __init__(self, name: str, address: str, pipeline, stream: Stream, s: Settings, seed: int, options: dict) -> None:
+    def __init__(
+        self, name: str, address: str, pipeline, stream: Stream, s: Settings, seed: int, options: dict,
+        references: list[str] | None = None,
+    ) -> None:  # fmt: skip
         self.name, self.address, self.pipeline, self.stream, self.s = name, address, pipeline, stream, s
+        self._references = references  # per stage, the reference swapped in as it starts
         policy = s.curated_policy if name == "curated" else s.curated_policy.replace("+bandit", "")
+        if name == "pruned_uniform":
+            policy, options = "uniform", {}
         if name == "curated_no_bandit":
             options = {k: v for k, v in options.items() if k != "bandit"}
         self.policy, self.options = policy, options
@@ -377,6 +408,11 @@ class Served:
             for shard in fetch_stats(self.address).shards:
                 self._rows_of[shard.index] = self.stream.positions[os.path.basename(shard.uri)]
             return
+        set_s = None
+        if self._references is not None:  # the stage's holdout brought a refreshed reference
+            t0 = time.perf_counter()
+            set_reference(self.address, self._references[stage])
+            set_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         infos = add_shards(self.address, self.stream.shards[stage])
         returned = time.perf_counter()
@@ -386,7 +422,8 @@ class Served:
         for info in infos:
             self._rows_of[info.index] = self.stream.positions[os.path.basename(info.uri)]
         self._waiting = ({i.index for i in infos}, returned, 0)
-        self.arrivals.append({"stage": stage, "add_shards_s": returned - t0, "served_after_s": None, "batches": None})
+        self.arrivals.append({"stage": stage, "add_shards_s": returned - t0, "served_after_s": None, "batches": None,
+                              "set_reference_s": set_s})  # fmt: skip
 
     def next(self):
         self._batch = batch = next(self._it)
@@ -490,14 +527,17 @@ def summary(per_stage: list[list[float]]) -> dict:
     return {"average_accuracy": average, "forgetting": forgetting, "backward_transfer": transfer}
 
 
-def run_one(name: str, s: Settings, stream: Stream, seed: int, budget: int, weights: str, embeddings, options) -> dict:
+def run_one(
+    name: str, s: Settings, stream: Stream, seed: int, budget: int, weights: str, embeddings, options,
+    references: list[str] | None = None,
+) -> dict:  # fmt: skip
     t0 = time.perf_counter()
     if name not in SERVICE_RUNS:
         result = train_stages(s, InProcess(name, stream, s, seed, budget, embeddings), stream, seed)
         extra = {}
     else:
         with lifelong_service(s, stream.shards[0], weights, budget) as (address, pipeline):
-            source = Served(name, address, pipeline, stream, s, seed, options)
+            source = Served(name, address, pipeline, stream, s, seed, options, references)
             try:
                 result = train_stages(s, source, stream, seed)
             finally:
@@ -538,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data: {seen} rows in {STAGES} stages ({np.bincount(stream.task).tolist()}), budget {budget}; "
               f"{time.perf_counter() - t0:.1f} s", flush=True)  # fmt: skip
         reference, weights, embeddings = make_reference(s, stream, data_dir)
+        refreshing = s.reference == "refresh" and any(r in SERVICE_RUNS for r in s.runs)
+        references = refreshed_references(s, stream, weights, data_dir) if refreshing else None
         if s.embedding == "input":  # cluster_reservoir clusters what the service does
             embeddings = stream.x.reshape(len(stream.x), -1)
         ensure_ray(None, num_cpus=2)
@@ -545,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for seed in range(s.seeds):
                 for run in s.runs:
-                    results.append(run_one(run, s, stream, seed, budget, weights, embeddings, options))
+                    results.append(run_one(run, s, stream, seed, budget, weights, embeddings, options, references))
         finally:
             shutdown()
 
@@ -590,8 +632,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="benchmarks/results", help="where the PNG and the markdown table go")
     p.add_argument("--name", help="file name stem of the outputs (default lifelong or lifelong-quick)")
     p.add_argument("--runs", help=f"comma-separated subset of {','.join(RUNS)}")
-    p.add_argument("--reference", choices=("first", "all", "none"),
-                   help="the reference's clean holdout: stage 0's (default), every stage's (upper bound), none")
+    p.add_argument("--reference", choices=("refresh", "first", "all", "none"),
+                   help="the reference's clean holdout: stage 0's, refreshed with each stage's as it starts "
+                        "(default), stage 0's only, every stage's from the start (upper bound), none")
     p.add_argument("--curated-options", nargs="*", default=[], metavar="KEY=VALUE",
                    help="selection options of the curated runs' stream jobs (service defaults otherwise)")  # fmt: skip
     for field in dataclasses.fields(Settings):

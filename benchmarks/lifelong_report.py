@@ -14,7 +14,15 @@ import statistics
 import sys
 
 STAGES = 5
-ORDER = ("fifo", "class_reservoir", "cluster_reservoir", "curated", "curated_no_bandit")
+ORDER = ("fifo", "class_reservoir", "cluster_reservoir", "curated", "curated_no_bandit", "pruned_uniform")
+
+
+_HOLDOUTS = {
+    "first": "stage 0 only",
+    "all": "every stage",
+    "refresh": "stage 0 at start, then at each stage start one on the holdouts of every stage so far is swapped "
+    "into the running service (`set_reference`; stage 0's rows shown here)",
+}
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:
@@ -195,14 +203,16 @@ def render(payload: dict, png: str) -> str:
         f"- budget: {setup['budget']} rows ({s['budget_fraction']:.0%} of the {setup['rows_seen']} that arrive) "
         f"for every run\n"
         f"- reference: {s['reference_model']} on the clean holdout of "
-        f"{'stage 0 only' if s['reference'] == 'first' else 'every stage'} ({setup['holdout_rows']} rows, "
+        f"{_HOLDOUTS.get(s['reference'], s['reference'])} ({setup['holdout_rows']} rows, "
         f"{s['reference_epochs']} epochs, {ref['seconds']:.1f} s); test accuracy per task "
         f"{' / '.join(f'{a:.2f}' for a in ref['test_accuracy_per_task'])}\n"
         f"- trainer (every run): {s['model']}, Adam lr {s['lr']}, batch {s['batch_size']}, {s['steps_per_stage']} "
         f"steps per stage, unweighted mean loss, seeds 0..{s['seeds'] - 1}; fifo, class_reservoir and "
         f"cluster_reservoir run in-process (uniform passes over their memory), the curated runs through one "
         f"in-process service each\n"
-        f"- curated: stream job, policy `{s['curated_policy']}` (curated_no_bandit: without `+bandit`), options "
+        f"- curated: stream job, policy `{s['curated_policy']}` (curated_no_bandit: without `+bandit`; "
+        f"pruned_uniform: `uniform` on the same service, the budget's pruning alone), embeddings "
+        f"{'of the input column' if s.get('embedding') == 'input' else 'of the reference body'}, options "
         f"{options}; service shuffle_rows {s['shuffle_rows']}, ready_batches {s['ready_batches']}, prefetch_shards "
         f"{s['prefetch_shards']}, max_samples = the budget; trainer prefetch {s['prefetch']}"
         f"{pushes}\n"

@@ -1,4 +1,5 @@
-"""The `loader` command: serve, make-shards, demo, stats."""
+"""The `loader` command: serve, make-shards, train-reference, demo, and the client verbs stats,
+add-shards and set-reference."""
 
 from __future__ import annotations
 
@@ -75,34 +76,47 @@ def _train_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin(args: argparse.Namespace, verb: str, call):
+    """One call to the service at --address: (its reply, 0), or (None, exit status) once the
+    reason is printed (1: the service refused or could not answer; 2: a bad client setting)."""
+    from loader.client.admin import ServiceCallError
+
+    try:
+        return call(token=_client_token(args), tls=_client_tls(args)), 0
+    except ServiceCallError as exc:
+        print(f"loader: {verb} at {args.address}: {exc}", file=sys.stderr)
+        return None, 1
+    except ValueError as exc:  # a token or TLS setting the client cannot use
+        print(f"loader: {verb}: {exc}", file=sys.stderr)
+        return None, 2
+
+
 def _stats(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
-    from loader.client.admin import ServiceCallError, fetch_stats
+    from loader.client.admin import fetch_stats
 
-    try:
-        stats = fetch_stats(args.address, job=args.job or "", token=_client_token(args), tls=_client_tls(args))
-    except ServiceCallError as exc:
-        print(f"loader: stats from {args.address}: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:  # a token or TLS setting the client cannot use
-        print(f"loader: stats: {exc}", file=sys.stderr)
-        return 2
-    print(json_format.MessageToJson(stats, always_print_fields_with_no_presence=True))
-    return 0
+    stats, status = _admin(args, "stats", lambda **auth: fetch_stats(args.address, job=args.job or "", **auth))
+    if stats is not None:
+        print(json_format.MessageToJson(stats, always_print_fields_with_no_presence=True))
+    return status
+
+
+def _set_reference(args: argparse.Namespace) -> int:
+    from loader.client.admin import set_reference
+
+    reply, status = _admin(args, "set-reference", lambda **auth: set_reference(args.address, args.weights, **auth))
+    if reply is not None:
+        print(f"reference {args.weights}: rescoring {reply.shards_to_rescore} shards in the background")
+    return status
 
 
 def _add_shards(args: argparse.Namespace) -> int:
-    from loader.client.admin import ServiceCallError, add_shards
+    from loader.client.admin import add_shards
 
-    try:
-        shards = add_shards(args.address, args.uris, token=_client_token(args), tls=_client_tls(args))
-    except ServiceCallError as exc:
-        print(f"loader: add-shards to {args.address}: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:
-        print(f"loader: add-shards: {exc}", file=sys.stderr)
-        return 2
+    shards, status = _admin(args, "add-shards", lambda **auth: add_shards(args.address, args.uris, **auth))
+    if shards is None:
+        return status
     for shard in shards:  # one line each: index, state, uri, then rows or the reason
         detail = f"{shard.rows} rows" if shard.state == "ok" else shard.reason
         print(f"{shard.index} {shard.state} {shard.uri} {detail}".rstrip())
@@ -196,6 +210,12 @@ def parser() -> argparse.ArgumentParser:
     _add_client_security(a)
     a.set_defaults(func=_add_shards)
 
+    f = sub.add_parser("set-reference", help="swap refreshed reference weights into a running service")
+    f.add_argument("--address", required=True)
+    f.add_argument("weights", metavar="WEIGHTS", help="state_dict file (from train-reference), as the service sees it")
+    _add_client_security(f)
+    f.set_defaults(func=_set_reference)
+
     d = sub.add_parser("demo", help="noisy MNIST-1D: train uniform vs curated through RemoteLoader")
     d.add_argument("--data", default="data/mnist1d")
     d.add_argument("--steps", type=int, default=1000)
@@ -205,12 +225,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# Modules of the `server` extra: a trainer that installed only the client (`pip install loader`)
+# has none of them, and the verbs that run the service or make data need them.
+SERVER_MODULES = frozenset({"ray", "pydantic", "annotated_types", "yaml", "sklearn", "mnist1d", "braceexpand",
+                            "grpc_health", "grpc_reflection"})  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"loader: config error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in SERVER_MODULES:
+            raise
+        print(f"loader {args.command}: needs the service's packages (no module {exc.name!r} here); install them "
+              f"with: pip install 'loader[server]'", file=sys.stderr)  # fmt: skip
         return 2
 
 

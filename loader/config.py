@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import pathlib
 from typing import Annotated, Any, Literal, Mapping
@@ -12,11 +11,11 @@ import yaml
 from annotated_types import Interval, MinLen
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, PlainValidator, Strict, TypeAdapter, ValidationError
 
+from loader.addresses import TOKEN_ENV, is_loopback, parse_address  # noqa: F401  (re-exported)
 from loader.errors import ConfigError
 from loader.selection.options import SelectionOptions, parse_options
 from loader.selection.policies import POLICIES
 
-TOKEN_ENV = "LOADER_TOKEN"
 
 # Each key below is declared once: its type and bounds in the annotation (read by pydantic when
 # `from_mapping` validates a YAML mapping), its default on the dataclass. Strict: YAML reads
@@ -114,6 +113,26 @@ def _columns(value: Any) -> tuple[tuple[str, str], ...]:
     return named + ((("embedding", columns.embedding),) if columns.embedding is not None else ())
 
 
+def _resources(key: str):
+    """A mapping of Ray resource names to amounts, kept as sorted (name, amount) pairs."""
+
+    def check(value: Any) -> tuple[tuple[str, float], ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping of Ray resource names to amounts, got {type(value).__name__}")
+        pairs = []
+        for name, amount in value.items():
+            if not isinstance(name, str) or not name or name in ("CPU", "GPU", "memory"):
+                raise ConfigError(f"{key}.{name}", "expected a custom resource name (CPU and GPU have keys of their own)")
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
+                raise ConfigError(f"{key}.{name}", f"expected an amount > 0, got {amount!r}")
+            pairs.append((name, float(amount)))
+        return tuple(sorted(pairs))
+
+    return check
+
+
 def _selection(value: Any) -> SelectionOptions:
     return SelectionOptions() if value is None else parse_options(value, key="selection")
 
@@ -150,6 +169,11 @@ class ServiceConfig:
     # CPUs given to a local Ray (None: all of the machine's).
     num_cpus: _COUNT | None = None
     readers: _COUNT = 2
+    # Ray custom resources each reader / scorer actor asks for, e.g. {loader_reader: 1}: they go to
+    # the nodes that advertise them (k8s/raycluster.yaml: readers on the CPU group, scorers on the
+    # GPU group). Empty: anywhere Ray finds room.
+    reader_resources: Annotated[tuple[tuple[str, float], ...], PlainValidator(_resources("reader_resources"))] = ()
+    scorer_resources: Annotated[tuple[tuple[str, float], ...], PlainValidator(_resources("scorer_resources"))] = ()
     # Decoded shards each reader keeps in memory (MiB); curated policies re-read the whole pool
     # every epoch, so a pool that fits is decoded once. 0 turns the cache off.
     reader_cache_mb: _SIZE = 256
@@ -242,27 +266,6 @@ def read_token(config: ServiceConfig, environ: Mapping[str, str] | None = None) 
     if TOKEN_ENV not in environ:
         return None
     return _checked_token(f"${TOKEN_ENV}", environ[TOKEN_ENV].strip())
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError("address", f"expected HOST:PORT with a port from 0 to 65535, got {address!r}")
-    return host, int(port)
-
-
-def is_loopback(address: str) -> bool:
-    """True when HOST:PORT (or a unix: target) stays on this machine."""
-    if address.startswith(("unix:", "unix-abstract:")):
-        return True
-    host = address.rpartition(":")[0] if ":" in address else address
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def from_mapping(values: dict[str, Any], source: str = "config") -> ServiceConfig:

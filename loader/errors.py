@@ -6,8 +6,6 @@ import dataclasses
 import types
 import typing
 
-from annotated_types import Interval
-
 
 class LoaderError(Exception):
     """Base class, so callers can catch everything the loader raises on purpose."""
@@ -73,7 +71,7 @@ def _unwrap(hint) -> tuple[object, list]:
             return hint, metadata
 
 
-def _bounds(interval: Interval) -> str:
+def _bounds(interval) -> str:
     low, high = (interval.gt, interval.ge), (interval.lt, interval.le)
     if high == (None, None):
         return f"> {low[0]}" if low[0] is not None else f">= {low[1]}"
@@ -92,6 +90,8 @@ def _problem(error: dict, owner: type, hint) -> str:
         return f"unknown value {value!r}; known: {', '.join(map(str, typing.get_args(bare)))}"
     if kind in ("value_error", "assertion_error"):  # raised by the schema's own checks
         return str(error["ctx"]["error"])
+    from annotated_types import Interval  # pydantic's: only the service validates configs
+
     bounds = [_bounds(m) for m in metadata if isinstance(m, Interval)]
     if kind == "finite_number":
         return f"must be finite{' and ' + bounds[0] if bounds else ''}, got {value!r}"

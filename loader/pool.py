@@ -36,6 +36,9 @@ class PoolIndex:
         # cosine similarities and rankings do not need more precision)
         self._ref_loss: dict[int, np.ndarray] = {}
         self._embedding: dict[int, np.ndarray] = {}
+        # Shards whose reference losses came from a reference since replaced: they serve until
+        # the shard is read again and `set_scores` brings the new ones.
+        self._stale: set[int] = set()
         # shard index -> cluster id per row (-1: not clustered)
         self._cluster: dict[int, np.ndarray] = {}
         self.feedback_samples = 0
@@ -87,13 +90,20 @@ class PoolIndex:
                 raise UnknownSamples(f"sample id {int(bad)} is not in the pool")
 
     def has_scores(self, shard_index: int) -> bool:
-        return shard_index in self._ref_loss
+        """Whether the shard has reference scores from the current reference."""
+        return shard_index in self._ref_loss and shard_index not in self._stale
+
+    def reference_replaced(self) -> None:
+        """Every shard's reference losses are from the old reference from now on (embeddings
+        and clusters stay: they come from the model the service started with)."""
+        self._stale = set(self._ref_loss)
 
     def set_scores(self, shard_index: int, ref_loss: np.ndarray, embedding: np.ndarray) -> None:
         rows = len(self._learner_loss[shard_index])
         if len(ref_loss) != rows or len(embedding) != rows:
             raise ValueError(f"shard {shard_index} has {rows} rows, got {len(ref_loss)} scores")
         self._ref_loss[shard_index] = np.asarray(ref_loss, dtype=np.float32)
+        self._stale.discard(shard_index)
         self._embedding[shard_index] = np.asarray(embedding, dtype=np.float16)
 
     def has_clusters(self, shard_index: int) -> bool:

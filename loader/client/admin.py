@@ -1,5 +1,5 @@
-"""Service calls that are not a training stream: what `loader stats`, `loader add-shards` and
-operators use."""
+"""Service calls that are not a training stream: what `loader stats`, `loader add-shards`,
+`loader set-reference` and operators use."""
 
 from __future__ import annotations
 
@@ -50,3 +50,13 @@ def add_shards(
     request = pb.AddShardsRequest(uris=list(uris))
     reply = _call(address, token, tls, lambda stub, metadata: stub.AddShards(request, metadata=metadata, timeout=timeout_s))
     return list(reply.shards)
+
+
+def set_reference(
+    address: str, weights: str, token: str | None = None, timeout_s: float = 120.0, tls: TLSLike = None
+) -> pb.SetReferenceResponse:
+    """Swaps refreshed reference weights (a torch.save'd state_dict of the config's reference
+    model, at a path the service's machines see) into the running service. Returns once the
+    scorers use them; the pool is rescored in the background (Stats.rescore_pending)."""
+    request = pb.SetReferenceRequest(weights=weights)
+    return _call(address, token, tls, lambda stub, metadata: stub.SetReference(request, metadata=metadata, timeout=timeout_s))

@@ -10,7 +10,7 @@ from typing import Mapping, Union
 
 import grpc
 
-from loader.config import TOKEN_ENV, is_loopback
+from loader.addresses import TOKEN_ENV, is_loopback
 
 
 class InsecureTokenWarning(UserWarning):

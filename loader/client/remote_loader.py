@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import math
+import threading
 import time
 
+import grpc
 import numpy as np
 
 from loader.client.channel import TLSLike, as_tls, open_channel, resolve_token, token_metadata
+from loader.client.length import batches_per_rank, candidates_per_batch
+from loader.client.reconnect import CHANNEL_BACKOFF, RECONNECT_S, TRANSIENT, Outage, status_of
 from loader.client.stream import StreamTimeout, TrainStream, train_method
 from loader.v1 import loader_pb2 as pb
 from loader.v1 import loader_pb2_grpc as pb_grpc
+
+log = logging.getLogger("loader.client")
 
 STATE_KEYS = ("job", "rank", "world_size", "epoch", "seq")
 
@@ -26,6 +34,17 @@ class RemoteLoader:
     the pass in progress), like an infinite IterableDataset. A sample comes again in a later pass,
     never within the window of rows served just before it. `max_steps` ends a loop once this many
     batches have been served in all (counted across loops and in `state_dict`).
+
+    `len(loader)` is the number of batches this rank gets in the current epoch, as with a
+    DataLoader (for a stream job: `max_steps`; without it, TypeError, like an IterableDataset).
+
+    `reconnect_s`: when the service goes away (UNAVAILABLE, or a stream that breaks before its
+    epoch ends), the loader reconnects by itself, with exponential backoff, for up to this many
+    seconds, says Hello again from its own (epoch, seq) and the loop goes on: no batch lost or
+    repeated (given a service restarted on its `state_dir`). Reports made meanwhile are sent on
+    the new stream; `push_weights` and `stats` retry likewise. Past it, `ServiceUnreachable`.
+    Other errors (a refused token, a bad argument, a job conflict) are raised at once; 0 turns
+    reconnecting off. `reconnects` counts the times the loader got the service back.
 
     `token` (default `$LOADER_TOKEN`) is sent as `authorization: Bearer <token>` on every call.
     `tls`: None for plaintext, True for TLS against the system's roots, or `loader.client.TLS`
@@ -51,6 +70,7 @@ class RemoteLoader:
         tls: TLSLike = None,
         stream: bool = False,
         max_steps: int | None = None,
+        reconnect_s: float = RECONNECT_S,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -60,6 +80,12 @@ class RemoteLoader:
             raise ValueError(f"max_steps must be positive or None, got {max_steps}")
         if stream and total_epochs:
             raise ValueError("a stream job has no last epoch: leave total_epochs at 0")
+        if not (reconnect_s >= 0 and math.isfinite(reconnect_s)):
+            raise ValueError(f"reconnect_s must be a finite number of seconds >= 0, got {reconnect_s!r}")
+        self.reconnect_s = float(reconnect_s)
+        self.reconnects = 0
+        self._closed = threading.Event()
+        self._length: tuple[int, int] | None = None  # (epoch, len) once asked
         self.stream, self.max_steps = stream, max_steps
         self._steps = 0
         self.address, self.job, self.batch_size = address, job, batch_size
@@ -71,6 +97,7 @@ class RemoteLoader:
         tls = as_tls(tls)
         self._metadata = token_metadata(resolve_token(token), address, tls)
         options = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.max_send_message_length", max_message_bytes)]
+        options += CHANNEL_BACKOFF
         self._channel = open_channel(address, tls, options)
         self._stub = pb_grpc.LoaderStub(self._channel)
         self._train = train_method(self._channel)
@@ -100,6 +127,47 @@ class RemoteLoader:
                 raise TimeoutError(f"stream job {self.job!r}: the pool had no readable sample for {waited:.0f} s")
             time.sleep(min(1.0, self.timeout_s - waited))
 
+    def __len__(self) -> int:
+        """Batches this rank gets in the current epoch (for a stream job, `max_steps` in all)."""
+        if self.stream:
+            if self.max_steps is None:
+                raise TypeError("a stream job without max_steps has no len(), like an IterableDataset")
+            return self.max_steps
+        if self._length is None or self._length[0] != self._epoch:
+            self._length = (self._epoch, self._epoch_batches())
+        return self._length[1]
+
+    def _epoch_batches(self) -> int:
+        """The epoch's batch count per rank, as the service cuts it (loader/epoch.py): every readable
+        sample once, in super-batches of round(B / keep_ratio) candidates (B under `uniform`), their
+        number rounded up to a multiple of world_size so every rank gets as many."""
+        stats = self.stats()
+        candidates = candidates_per_batch(stats, self.job, self.policy, self.options, self.batch_size)
+        if candidates is None:
+            # The job is new and takes the service's default policy or keep_ratio, which only the
+            # service knows: a Hello (and no credit) makes the job, and its stats then show them.
+            self._unary(self._make_job)
+            stats = self.stats()
+            candidates = candidates_per_batch(stats, self.job, self.policy, self.options, self.batch_size)
+            if candidates is None:
+                raise RuntimeError(
+                    f"the loader service at {self.address} does not report job {self.job!r} after its Hello"
+                )
+        pending = [shard.uri for shard in stats.shards if shard.state == "pending"]
+        if pending:
+            # Shards the service has not read yet, so it does not know their rows: it reads them
+            # now, as on `loader add-shards` (its readers keep them for the epoch when they fit).
+            request = pb.AddShardsRequest(uris=pending)
+            self._unary(lambda: self._stub.AddShards(request, metadata=self._metadata, timeout=self.timeout_s))
+            stats = self.stats()
+        return batches_per_rank(stats, candidates, self.world_size)
+
+    def _make_job(self) -> None:
+        hello = pb.TrainRequest(hello=self._hello())
+        responses = self._train(iter([hello]), metadata=self._metadata, timeout=self.timeout_s)
+        for _ in responses:  # READY, then the end: no credit was given
+            pass
+
     def _done(self) -> bool:
         return self.max_steps is not None and self._steps >= self.max_steps
 
@@ -116,30 +184,63 @@ class RemoteLoader:
         finally:
             batches.close()
 
-    def _one_epoch(self):
-        hello = pb.Hello(
+    def _hello(self) -> pb.Hello:
+        return pb.Hello(
             job=self.job, rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
             policy=self.policy, seed=self.seed, epoch=self._epoch, next_seq=self._seq,
             options=self.options, total_epochs=self.total_epochs, stream=self.stream,
         )  # fmt: skip
-        stream = TrainStream(self._train, hello, self.prefetch, self._metadata, self._unsent)
-        self._unsent = []
+
+    def _open(self, feedback: list) -> TrainStream:
+        """A Train stream from this loader's own (epoch, seq): the first, or after a reconnect."""
+        unsent, self._unsent = self._unsent, []
+        stream = TrainStream(self._train, self._hello(), self.prefetch, self._metadata, feedback + unsent)
         self._stream = stream
+        return stream
+
+    def _one_epoch(self):
+        stream = self._open([])
+        answered = False  # this stream got a message: it was established
+        outage: Outage | None = None
         finished = False
         try:
             while True:
                 kind, value, batch = stream.next(self.timeout_s)
+                if kind in ("batch", "status"):
+                    answered = True
                 if kind == "batch":
+                    if outage is not None:
+                        self._recovered(outage)
+                        outage = None
                     self._seq = value + 1
                     stream.ack(self._epoch, value)
                     yield batch
                 elif kind == "status" and value.code == pb.Status.END_OF_EPOCH:
+                    if outage is not None:
+                        self._recovered(outage)
                     finished = True
                     return
-                elif kind == "error":
-                    raise value
-                elif kind == "closed":
-                    raise ConnectionError(f"the loader service closed the stream of job {self.job!r} mid-epoch")
+                elif kind in ("error", "closed"):  # the RPC is over, mid-epoch
+                    transient = kind == "closed" or (isinstance(value, grpc.RpcError) and value.code() in TRANSIENT)
+                    if not transient or self.reconnect_s <= 0:
+                        if kind == "error":
+                            raise value
+                        raise ConnectionError(f"the loader service closed the stream of job {self.job!r} mid-epoch")
+                    status = status_of(value) if kind == "error" else "OK (the stream ended before its epoch did)"
+                    if outage is None:
+                        outage = Outage(self)
+                        log.warning(
+                            "job %r rank %d: lost the loader service at %s (%s) at epoch %d batch %d; "
+                            "reconnecting for up to %g s", self.job, self.rank, self.address, status, self._epoch,
+                            self._seq, self.reconnect_s,
+                        )  # fmt: skip
+                    delay = outage.failed(status, attempt=not answered)
+                    # Reports the dead stream never sent go on the next one.
+                    carried = stream.take_unsent()
+                    self._stream = None
+                    stream.cancel()
+                    self._pause(delay)
+                    stream, answered = self._open(carried), False
         finally:
             self._stream = None
             stream.close(timeout_s=10.0)
@@ -154,6 +255,34 @@ class RemoteLoader:
                 self._epoch += 1
                 self._seq = 0
 
+    def _recovered(self, outage: Outage) -> None:
+        self.reconnects += 1
+        log.warning(
+            "job %r rank %d: the loader service at %s is back after %.1f s; going on from epoch %d batch %d",
+            self.job, self.rank, self.address, time.monotonic() - outage.began, self._epoch, self._seq,
+        )  # fmt: skip
+
+    def _pause(self, delay: float) -> None:
+        """Waits `delay` before the next try, unless close() is called meanwhile."""
+        if self._closed.wait(delay):
+            raise ConnectionError(f"RemoteLoader of job {self.job!r} closed while reconnecting to {self.address}")
+
+    def _unary(self, call):
+        """call() (one RPC), tried again while the service is UNAVAILABLE, for up to reconnect_s."""
+        outage = None
+        while True:
+            try:
+                result = call()
+            except grpc.RpcError as exc:
+                if exc.code() not in TRANSIENT or self.reconnect_s <= 0:
+                    raise
+                outage = outage or Outage(self)
+                self._pause(outage.failed(status_of(exc), attempt=True))
+                continue
+            if outage is not None:
+                self._recovered(outage)
+            return result
+
     def report(self, batch: dict, losses) -> None:
         """Reports per-sample losses for a served batch. Never blocks on the network."""
         ids = batch["_id"]
@@ -163,9 +292,8 @@ class RemoteLoader:
         losses = np.asarray(losses, dtype=np.float32).reshape(-1)
         if len(losses) != len(ids):
             raise ValueError(f"report() got {len(losses)} losses for a batch of {len(ids)} samples")
-        if self._stream is not None:
-            self._stream.report(ids, losses)
-        else:
+        stream = self._stream
+        if stream is None or not stream.report(ids, losses):  # no stream open, or a broken one
             self._unsent.append((ids, losses))
 
     # -- state -----------------------------------------------------------------------------------
@@ -184,6 +312,7 @@ class RemoteLoader:
             if state[key] != getattr(self, key):
                 raise ValueError(f"state is for {key}={state[key]!r}, this loader has {key}={getattr(self, key)!r}")
         self._epoch, self._seq = int(state["epoch"]), int(state["seq"])
+        self._length = None
         self._steps = int(state.get("steps", 0))  # absent in states saved before max_steps
 
     # -- snapshots -------------------------------------------------------------------------------
@@ -208,15 +337,18 @@ class RemoteLoader:
                 yield pb.WeightsChunk(job=self.job if first else "", step=step if first else 0,
                                       data=bytes(data[offset : offset + chunk_bytes]))  # fmt: skip
 
-        reply = self._stub.PushWeights(chunks(), metadata=self._metadata, timeout=self.timeout_s)
+        # A push the service took before the connection broke is taken again: same weights, same step.
+        reply = self._unary(lambda: self._stub.PushWeights(chunks(), metadata=self._metadata, timeout=self.timeout_s))
         return reply.step
 
     # -- service ---------------------------------------------------------------------------------
 
     def stats(self) -> pb.Stats:
-        return self._stub.GetStats(pb.GetStatsRequest(job=self.job), metadata=self._metadata, timeout=30)
+        request = pb.GetStatsRequest(job=self.job)
+        return self._unary(lambda: self._stub.GetStats(request, metadata=self._metadata, timeout=30))
 
     def close(self) -> None:
+        self._closed.set()
         self._channel.close()
 
     def __enter__(self) -> "RemoteLoader":

@@ -19,6 +19,8 @@ from loader.v1 import loader_pb2 as pb
 TRAIN_METHOD = "/loader.v1.Loader/Train"
 
 _CLOSE = object()
+# In the request queue: reports are waiting in `TrainStream._pending` (one marker per batch of them).
+_FEEDBACK = object()
 
 
 class StreamTimeout(TimeoutError):
@@ -38,6 +40,11 @@ class TrainStream:
         self._responses: queue.SimpleQueue = queue.SimpleQueue()
         self._requests_done = threading.Event()
         self._over = threading.Event()
+        # Reports not yet handed to gRPC. They wait here rather than in the queue so that, when the
+        # RPC breaks, those never sent can be taken back and sent on the next stream.
+        self._lock = threading.Lock()
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._taken = False
         self._requests.put(pb.TrainRequest(hello=hello))
         for ids, losses in feedback:  # reported while no stream was open
             self.report(ids, losses)
@@ -52,33 +59,25 @@ class TrainStream:
                 item = self._requests.get()
                 if item is _CLOSE:
                     return
-                if isinstance(item, tuple):
-                    yield self._coalesce(item)
+                if item is _FEEDBACK:
+                    message = self._take_feedback()
+                    if message is not None:
+                        yield message
                 else:
                     yield item
         finally:
             self._requests_done.set()
 
-    def _coalesce(self, first: tuple) -> pb.TrainRequest:
-        """Merges the feedback queued right now into one message: fewer, larger messages."""
-        ids, losses = [first[0]], [first[1]]
-        held = []
-        while True:
-            try:
-                item = self._requests.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, tuple):
-                ids.append(item[0])
-                losses.append(item[1])
-            else:
-                held.append(item)
-                break
-        for item in held:  # keep order for what was not feedback
-            self._requests.put(item)
+    def _take_feedback(self) -> pb.TrainRequest | None:
+        """Everything reported since the last Feedback, merged into one message (fewer, larger
+        messages); None once the RPC is over, so what is left stays for `take_unsent`."""
+        with self._lock:
+            if self._over.is_set() or not self._pending:
+                return None
+            pending, self._pending = self._pending, []
         feedback = pb.Feedback(
-            ids=np.concatenate(ids).astype("<i8", copy=False).tobytes(),
-            losses=np.concatenate(losses).astype("<f4", copy=False).tobytes(),
+            ids=np.concatenate([ids for ids, _ in pending]).astype("<i8", copy=False).tobytes(),
+            losses=np.concatenate([losses for _, losses in pending]).astype("<f4", copy=False).tobytes(),
         )
         return pb.TrainRequest(feedback=feedback)
 
@@ -122,8 +121,23 @@ class TrainStream:
         self._requests.put(pb.TrainRequest(ack=pb.Ack(epoch=epoch, seq=seq)))
         self._requests.put(pb.TrainRequest(credit=pb.Credit(batches=1)))
 
-    def report(self, ids: np.ndarray, losses: np.ndarray) -> None:
-        self._requests.put((ids, losses))
+    def report(self, ids: np.ndarray, losses: np.ndarray) -> bool:
+        """Queues a report; False (nothing queued) once `take_unsent` was called."""
+        with self._lock:
+            if self._taken:
+                return False
+            self._pending.append((ids, losses))
+            if len(self._pending) == 1:
+                self._requests.put(_FEEDBACK)
+        return True
+
+    def take_unsent(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The reports never handed to gRPC, for the next stream; later `report`s are refused.
+        A report handed over just before the connection broke may be lost, as in any crash."""
+        with self._lock:
+            self._taken = True
+            pending, self._pending = self._pending, []
+        return pending
 
     def close(self, timeout_s: float) -> bool:
         """Half-closes after everything queued is sent (or the RPC ended); True if that happened

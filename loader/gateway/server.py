@@ -51,6 +51,7 @@ class Gateway:
         self._reaper: asyncio.Task | None = None
         self._watcher: asyncio.Task | None = None
         self._admitting: asyncio.Task | None = None
+        self._readying: asyncio.Task | None = None
         self._health = HealthServicer()
         # Read here, not at start(), so a bad token source fails before anything listens.
         token = read_token(config)
@@ -78,6 +79,10 @@ class Gateway:
             port = server.add_secure_port(self.config.address, self._credentials)
         if port == 0:
             raise OSError(f"cannot listen on {self.config.address}")
+        # NOT_SERVING until every actor answers (a Kubernetes readiness probe keeps trainers away
+        # meanwhile); the RPCs themselves work from now on and wait for the actors they need.
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
         self._reaper = asyncio.get_running_loop().create_task(self._release_idle_jobs())
@@ -86,10 +91,15 @@ class Gateway:
         if self.config.max_samples is not None:
             self._admitting = asyncio.get_running_loop().create_task(self._admit_pool())
         self.address = f"{host}:{port}"
-        for name in ("", SERVICE_NAME):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._readying = asyncio.get_running_loop().create_task(self._serve_when_ready())
         self._log_security()
         return self.address
+
+    async def _serve_when_ready(self) -> None:
+        await self.pipeline.ready()
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("health: SERVING (every actor is up)")
 
     def _log_security(self) -> None:
         config = self.config
@@ -134,10 +144,10 @@ class Gateway:
             log.exception("bringing the starting pool within max_samples failed")
 
     async def stop(self, grace_s: float = 2.0) -> None:
-        for task in (self._reaper, self._watcher, self._admitting):
+        for task in (self._reaper, self._watcher, self._admitting, self._readying):
             if task is not None:
                 task.cancel()
-        self._reaper = self._watcher = self._admitting = None
+        self._reaper = self._watcher = self._admitting = self._readying = None
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace_s)

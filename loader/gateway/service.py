@@ -82,6 +82,8 @@ class LoaderService(pb_grpc.LoaderServicer):
             reference_scoring_seconds=stats["reference_scoring_seconds"],
             scorer_devices=stats["scorer_devices"],
             budget=pb.PoolBudget(**stats["budget"]) if stats["budget"] is not None else None,
+            reference_weights=stats["reference_weights"],
+            rescore_pending=stats["rescore_pending"],
         )
 
     async def AddShards(self, request, context):
@@ -92,6 +94,17 @@ class LoaderService(pb_grpc.LoaderServicer):
         except ConfigError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pb.AddShardsResponse(shards=[shard_info(r) for r in records])
+
+    async def SetReference(self, request, context):
+        if not request.weights:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "SetReference.weights is empty")
+        try:
+            fingerprint, shards = await self.pipeline.set_reference(request.weights)
+        except ConfigError as exc:  # no such file, or weights that do not fit the model
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except JobConflict as exc:  # the service has no reference to replace
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        return pb.SetReferenceResponse(fingerprint=fingerprint, shards_to_rescore=shards)
 
     async def PushWeights(self, request_iterator, context):
         job, step, parts, size = "", 0, [], 0

@@ -206,7 +206,7 @@ class ClusterInfo(_message.Message):
     def __init__(self, id: _Optional[int] = ..., size: _Optional[int] = ..., weight: _Optional[float] = ..., reward: _Optional[float] = ..., served: _Optional[int] = ..., reference_loss: _Optional[float] = ...) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("shards", "jobs", "trainers_connected", "reference_scored_samples", "reference_scoring_seconds", "scorer_devices", "budget")
+    __slots__ = ("shards", "jobs", "trainers_connected", "reference_scored_samples", "reference_scoring_seconds", "scorer_devices", "budget", "reference_weights", "rescore_pending")
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     JOBS_FIELD_NUMBER: _ClassVar[int]
     TRAINERS_CONNECTED_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,8 @@ class Stats(_message.Message):
     REFERENCE_SCORING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SCORER_DEVICES_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    RESCORE_PENDING_FIELD_NUMBER: _ClassVar[int]
     shards: _containers.RepeatedCompositeFieldContainer[ShardInfo]
     jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
     trainers_connected: int
@@ -221,7 +223,9 @@ class Stats(_message.Message):
     reference_scoring_seconds: float
     scorer_devices: _containers.RepeatedScalarFieldContainer[str]
     budget: PoolBudget
-    def __init__(self, shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., trainers_connected: _Optional[int] = ..., reference_scored_samples: _Optional[int] = ..., reference_scoring_seconds: _Optional[float] = ..., scorer_devices: _Optional[_Iterable[str]] = ..., budget: _Optional[_Union[PoolBudget, _Mapping]] = ...) -> None: ...
+    reference_weights: str
+    rescore_pending: int
+    def __init__(self, shards: _Optional[_Iterable[_Union[ShardInfo, _Mapping]]] = ..., jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., trainers_connected: _Optional[int] = ..., reference_scored_samples: _Optional[int] = ..., reference_scoring_seconds: _Optional[float] = ..., scorer_devices: _Optional[_Iterable[str]] = ..., budget: _Optional[_Union[PoolBudget, _Mapping]] = ..., reference_weights: _Optional[str] = ..., rescore_pending: _Optional[int] = ...) -> None: ...
 
 class PoolBudget(_message.Message):
     __slots__ = ("max_samples", "kept_samples", "pruned_near_duplicate", "pruned_low_value", "clusters")
@@ -266,3 +270,17 @@ class PushWeightsResponse(_message.Message):
     bytes_received: int
     step: int
     def __init__(self, bytes_received: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class SetReferenceRequest(_message.Message):
+    __slots__ = ("weights",)
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    weights: str
+    def __init__(self, weights: _Optional[str] = ...) -> None: ...
+
+class SetReferenceResponse(_message.Message):
+    __slots__ = ("fingerprint", "shards_to_rescore")
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_TO_RESCORE_FIELD_NUMBER: _ClassVar[int]
+    fingerprint: str
+    shards_to_rescore: int
+    def __init__(self, fingerprint: _Optional[str] = ..., shards_to_rescore: _Optional[int] = ...) -> None: ...

@@ -54,6 +54,11 @@ class LoaderStub:
                 request_serializer=loader_dot_v1_dot_loader__pb2.WeightsChunk.SerializeToString,
                 response_deserializer=loader_dot_v1_dot_loader__pb2.PushWeightsResponse.FromString,
                 _registered_method=True)
+        self.SetReference = channel.unary_unary(
+                '/loader.v1.Loader/SetReference',
+                request_serializer=loader_dot_v1_dot_loader__pb2.SetReferenceRequest.SerializeToString,
+                response_deserializer=loader_dot_v1_dot_loader__pb2.SetReferenceResponse.FromString,
+                _registered_method=True)
 
 
 class LoaderServicer:
@@ -90,6 +95,14 @@ class LoaderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetReference(self, request, context):
+        """Replaces the reference model's weights (the config's factory and arguments) in the running
+        scorers, for a pool whose tasks moved on; the pool is rescored in the background.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoaderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +125,11 @@ def add_LoaderServicer_to_server(servicer, server):
                     servicer.PushWeights,
                     request_deserializer=loader_dot_v1_dot_loader__pb2.WeightsChunk.FromString,
                     response_serializer=loader_dot_v1_dot_loader__pb2.PushWeightsResponse.SerializeToString,
+            ),
+            'SetReference': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetReference,
+                    request_deserializer=loader_dot_v1_dot_loader__pb2.SetReferenceRequest.FromString,
+                    response_serializer=loader_dot_v1_dot_loader__pb2.SetReferenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +240,33 @@ class Loader:
             '/loader.v1.Loader/PushWeights',
             loader_dot_v1_dot_loader__pb2.WeightsChunk.SerializeToString,
             loader_dot_v1_dot_loader__pb2.PushWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetReference(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loader.v1.Loader/SetReference',
+            loader_dot_v1_dot_loader__pb2.SetReferenceRequest.SerializeToString,
+            loader_dot_v1_dot_loader__pb2.SetReferenceResponse.FromString,
             options,
             channel_credentials,
             insecure,
