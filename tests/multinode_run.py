@@ -10,7 +10,7 @@ until the nodes join and every actor is up, then SERVING, and NOT_SERVING again 
 drains at the end. One trainer streams an epoch; after `--remove-after`
 batches the readers' node is removed (with every actor and object it held) and, as KubeRay would
 reschedule the pod, a new one with the same resources joins. Prints one JSON object: where each
-actor ran, and every sample id served.
+actor ran, and every sample id served (on the line that starts with RESULT).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from loader.config import from_mapping
 from loader.gateway.server import SERVICE_NAME, BackgroundGateway
 
 LOOPBACK = {"node_ip_address": "127.0.0.1"}
+# Ray's workers log to this process's stdout too: the result is the line with this prefix.
+RESULT = "multinode result: "
 
 
 class HealthWatch:
@@ -113,7 +115,7 @@ def main() -> int:
         loader.close()
         gateway.stop()  # drains: NOT_SERVING, then the server closes and the watch ends
         stopped = True
-        print(json.dumps({
+        print(RESULT + json.dumps({
             "nodes": ids_of_node, "placed": placed, "health": health.close(args.timeout_s),
             "served": np.concatenate(served).tolist(),
         }))  # fmt: skip

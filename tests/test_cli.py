@@ -84,8 +84,16 @@ def test_served_process_answers_health_reflection_and_trains(served, mnist_tar):
     with grpc.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "loader.v1.Loader"):
-            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            # NOT_SERVING until every actor is up (a probe's view), then SERVING; Watch reports each.
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=service), timeout=60)
+            statuses = []
+            for reply in watch:
+                statuses.append(reply.status)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    watch.cancel()
+                    break
+            assert statuses[-1] == health_pb2.HealthCheckResponse.SERVING, statuses
+            assert set(statuses) <= {health_pb2.HealthCheckResponse.NOT_SERVING, health_pb2.HealthCheckResponse.SERVING}
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
         names = {s.name for r in replies for s in r.list_services_response.service}

@@ -14,6 +14,7 @@ import numpy as np
 
 from loader.ids import make_ids
 from tests.helpers import blob_pool
+from tests.multinode_run import RESULT
 
 RUN_TIMEOUT_S = 240
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +26,8 @@ def test_health_follows_the_actors_they_go_where_the_config_says_and_a_lost_node
                weights, *paths]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
+    result = json.loads(line[len(RESULT):])
     assert result["health"] == ["NOT_SERVING", "SERVING", "NOT_SERVING"], result["health"]
     nodes, placed = result["nodes"], result["placed"]
     assert placed["readers"] and set(placed["readers"]) == {nodes["readers"]}, placed
