@@ -80,6 +80,28 @@ class Pipeline:
         records = ray.get(self._registry.add.remote(uris))
         if all(r.state == "quarantined" for r in records):
             raise ConfigError("shards", f"none of the {len(records)} shards matched by {list(config.shards)} exists")
+        if config.reference is not None:
+            self._check_model_columns(records)
+
+    def _check_model_columns(self, records: list[ShardRecord]) -> None:
+        """Stops the start, naming the key, when the reference cannot take the pool's input or
+        label column (a string, a variable-length list ...), judged on the first readable shard
+        (read once here; its reader keeps it). Later shards of another schema are quarantined."""
+        from loader.scoring import check_model_column
+
+        for record in records:
+            if record.state == "quarantined":
+                continue
+            shard = ray.get(self._readers[record.index % len(self._readers)].read.remote(record.uri, record.index))
+            if shard.error:
+                continue  # the curators quarantine it with its reason, as always
+            schema = ray.get(shard.ref).table.schema
+            for name, key, label in ((self.config.input_column, "columns.input", False),
+                                     (self.config.label_column, "columns.label", True)):  # fmt: skip
+                if name not in schema.names:
+                    raise ConfigError(key, f"column {name!r} is not in {record.uri} (it has {', '.join(schema.names)})")
+                check_model_column(schema, name, key, label)
+            return
 
     async def add_shards(self, patterns: list[str]) -> list[ShardRecord]:
         """Registers shards while the service runs; the passes of running stream jobs take them in."""

@@ -27,13 +27,32 @@ def decode(payload: bytes | pa.Buffer) -> pa.Table:
     return pa.ipc.open_stream(pa.py_buffer(payload)).read_all()
 
 
+LENGTHS = "_lengths"
+
+
 def to_numpy(table: pa.Table) -> dict[str, np.ndarray | list]:
-    """Numeric and tensor columns become zero-copy arrays; other columns stay Python lists
-    (as DataLoader's default collate keeps strings)."""
+    """Each column in the form a batch reaches the trainer in:
+
+    - numbers, numeric `fixed_size_list`s (nested too) and `fixed_shape_tensor`s: an array of
+      shape (rows, *row shape), sharing the message's memory (no copy);
+    - variable-length numeric lists (`list`, `large_list`; token ids): an array padded with 0 to
+      the batch's longest row, (rows, longest, *item shape), plus `<name>_lengths`, int64 (rows,)
+      (one copy, for the padding; `tensors.pad_to` / `tensors.pack` make fixed-length rows);
+    - anything else (strings, binary, lists of strings, structs): a Python list per row, as
+      DataLoader's default collate keeps strings.
+    """
     out: dict[str, np.ndarray | list] = {}
     for name, column in zip(table.column_names, table.columns):
-        if tensors.is_tensor_like(column.type):
+        if tensors.is_dense(column.type):
             out[name] = tensors.to_numpy(column)
+        elif tensors.is_ragged(column.type):
+            lengths = name + LENGTHS
+            if lengths in table.column_names:
+                raise ValueError(
+                    f"column {name!r} ({column.type}) arrives as a padded array plus {lengths!r}, "
+                    f"but the batch already has a column {lengths!r}; rename one of them"
+                )
+            out[name], out[lengths] = tensors.pad(*tensors.ragged_to_numpy(column))
         else:
             out[name] = column.to_pylist()
     return out

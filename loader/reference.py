@@ -31,6 +31,8 @@ def _load_holdout(holdout: list[str], input_col: str, label_col: str) -> tuple[t
             x, y = inputs_from_table(table, input_col, label_col)
         except KeyError as exc:
             raise ConfigError("holdout", f"{path}: {exc.args[0]}") from exc
+        except ConfigError as exc:  # a column of a type the model cannot take: say which shard
+            raise ConfigError(exc.key, f"{exc.problem} (in holdout shard {path})") from exc
         xs.append(x)
         ys.append(y)
     # cat copies, which also detaches the tensors from Arrow's read-only buffers.

@@ -25,6 +25,7 @@ from torch import nn
 from loader import tensors
 from loader.errors import ConfigError
 from loader.imports import resolve_import_path, split_import_path
+from loader.sources.schema import type_name
 
 _SPEC_KEYS = ("factory", "kwargs", "weights")
 _SCALARS = (type(None), bool, int, float, str)
@@ -214,10 +215,41 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     )
 
 
-def _column(table: pa.Table, name: str) -> np.ndarray:
-    if name not in table.column_names:
-        raise KeyError(f"column {name!r} not in table; it has {table.column_names}")
+def check_model_column(schema: pa.Schema, name: str, key: str, label: bool = False) -> None:
+    """Raises unless column `name` of `schema` can be a model's input (`label`: its labels):
+    KeyError when it is missing, ConfigError (under `key`, e.g. "columns.input") naming the
+    column and its type when a model cannot take it. Needs only the schema, so a service can
+    check its pool before reading a row."""
+    if name not in schema.names:
+        raise KeyError(f"column {name!r} not in table; it has {schema.names}")
+    type_ = schema.field(name).type
+    problem = _unusable(type_, label)
+    if problem:
+        raise ConfigError(key, f"column {name!r} is {type_name(type_)}: {problem}")
+
+
+def _column(table: pa.Table, name: str, key: str, label: bool = False) -> np.ndarray:
+    check_model_column(table.schema, name, key, label)
     return tensors.to_numpy(table.column(name))
+
+
+def _unusable(type_: pa.DataType, label: bool) -> str:
+    """Why a column of `type_` cannot be a model's input (or label), or ''."""
+    shape = tensors.row_shape(type_)
+    if label:
+        if shape == ():
+            return ""
+        return "labels must be one number (a class index) per row"
+    if shape is not None:
+        return ""
+    kind = "a model input needs numbers of one shape per row (numbers, a fixed_size_list of numbers, or a fixed_shape_tensor)"
+    if pa.types.is_string(type_) or pa.types.is_large_string(type_) or pa.types.is_binary(type_) \
+            or pa.types.is_large_binary(type_) or pa.types.is_fixed_size_binary(type_):
+        return f"text and bytes cannot be a model input; {kind}"
+    if tensors.is_ragged(type_):
+        return (f"its rows have different lengths (a variable-length list); {kind}. Store it as a "
+                "fixed_size_list, each row padded or cut to one length, to use it as a model input")
+    return kind
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -232,10 +264,14 @@ def inputs_from_table(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(float32 inputs, int64 labels), sharing Arrow's memory when the dtypes already match.
 
+    Inputs are numbers, numeric fixed_size_lists (nested too) or fixed_shape_tensors, of shape
+    (rows, *row shape); labels one number per row. A column of any other type (text, bytes,
+    variable-length lists) is a ConfigError naming it and its type; a missing one a KeyError.
+
     uint8 inputs are taken as pixels and scaled to [0, 1]; models stay float-only so that a
     factory never has to guess what a shard stores.
     """
-    x, y = _column(table, input_col), _column(table, label_col)
+    x, y = _column(table, input_col, "columns.input"), _column(table, label_col, "columns.label", label=True)
     if x.dtype == np.uint8:
         inputs = _tensor(x).to(torch.float32).div_(255.0)
     else:
