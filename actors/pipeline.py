@@ -31,7 +31,7 @@ from actors.routing import learner_scorer
 from actors.scorer import ScorerActor
 from loader.config import ServiceConfig
 from loader.curator import CuratorSettings, JobSpec
-from loader.errors import ConfigError, JobConflict
+from loader.errors import ConfigError, JobConflict, ShardError
 from loader.registry import ShardRecord
 from loader.scoring import ModelSpec, build_model
 from loader.selection.options import SelectionOptions
@@ -74,7 +74,10 @@ class Pipeline:
             self._start_scorers()  # every shard is scored when it joins the pool
         self._arrivals = Arrivals(self._registry, self._readers, lambda: self._scorers, self._budget, self._pruned)
         self._rescoring = Rescoring(self._readers, lambda: self._scorers, self._budget)
-        uris = expand(list(config.shards))
+        try:
+            uris = expand(list(config.shards))
+        except ShardError as exc:  # a remote listing that failed
+            raise ConfigError("shards", str(exc)) from None
         if not uris:
             raise ConfigError("shards", f"{list(config.shards)} matched no files")
         records = ray.get(self._registry.add.remote(uris))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import ray
 
 from actors.runtime import ProcessInfo
-from loader.registry import PENDING, QUARANTINED, ShardRecord, ShardRegistry
+from loader.registry import PENDING, QUARANTINED, ShardRecord, ShardRegistry, missing_at_registration
+from loader.sources.remote import redact
 from loader.state_store import StateStore
 
 log = logging.getLogger("loader.registry")
@@ -41,7 +41,7 @@ class RegistryActor(ProcessInfo):
         """Registers URIs; a local file that does not exist is quarantined at once, so the
         operator hears of it at start-up rather than in the first epoch."""
         for record in self._registry.add(uris):
-            if record.state == "pending" and "://" not in record.uri and not os.path.exists(record.uri):
+            if record.state == "pending" and missing_at_registration(record.uri):
                 self.quarantine(record.index, "not found")
         self._save()
         return self._registry.records_of(uris)
@@ -55,7 +55,7 @@ class RegistryActor(ProcessInfo):
     def quarantine(self, index: int, reason: str) -> None:
         record = self._registry.record(index)
         if record.state != QUARANTINED:
-            log.error("quarantined shard %s: %s", record.uri, reason)
+            log.error("quarantined shard %s: %s", redact(record.uri), reason)  # a URL's password stays out
         self._registry.quarantine(index, reason)
         self._save()
 

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable
 
 PENDING, OK, QUARANTINED = "pending", "ok", "quarantined"
+
+
+def missing_at_registration(uri: str) -> bool:
+    """Whether a URI can be quarantined as "not found" when it is registered: only a local path
+    that does not exist. A remote URI (or any `scheme://`) is found out when it is read."""
+    return "://" not in uri and not os.path.exists(uri)
 
 
 @dataclasses.dataclass

@@ -12,6 +12,8 @@ import collections
 import os
 from typing import Generic, TypeVar
 
+from loader.sources.remote import cached_path, is_remote
+
 V = TypeVar("V")
 
 
@@ -26,10 +28,19 @@ class ShardCache(Generic[V]):
     def identity(uri: str, index: int) -> tuple | None:
         """The cache key of the file as it is now; None when it cannot be stat'ed."""
         # A rewritten file must not be served from the cache: size and mtime are part of the key.
+        # A remote shard is keyed by its copy in the read cache (loader.sources.remote): taken as
+        # immutable, it is decoded again only once that copy is evicted.
+        path = uri
+        if is_remote(uri):
+            path = cached_path(uri)
+            if path is None:
+                return None
         try:
-            stat = os.stat(uri)
+            stat = os.stat(path)
         except OSError:
             return None
+        if path is not uri:  # each hit touches the copy's mtime; a new download is a new inode
+            return (uri, index, stat.st_size, stat.st_ino)
         return (uri, index, stat.st_size, stat.st_mtime_ns)
 
     def get(self, uri: str, index: int) -> V | None:

@@ -9,21 +9,28 @@ import pyarrow as pa
 from loader.errors import ShardError
 from loader.sources.parquet import read_parquet
 from loader.sources.patterns import expand
+from loader.sources.remote import is_remote, local_copy, redact, scrub, url_path
 from loader.sources.webdataset import read_tar
 
-__all__ = ["expand", "read_parquet", "read_shard", "read_tar"]
+__all__ = ["expand", "is_remote", "read_parquet", "read_shard", "read_tar"]
 
 
 def read_shard(uri: str) -> pa.Table:
-    """Whole shard, rows in file order; any problem is a ShardError naming `uri`."""
-    lower = uri.lower()
+    """Whole shard, rows in file order; any problem is a ShardError naming `uri`.
+
+    A remote URI (`https://`, `s3://`, `gs://`, see loader.sources.remote) is fetched into the
+    local read cache first; its errors name the URI without credentials."""
+    remote = is_remote(uri)
+    lower = url_path(uri).lower() if remote else uri.lower()
     if lower.endswith(".tar"):
         reader = read_tar
     elif lower.endswith((".parquet", ".pq")):
         reader = read_parquet
     else:
-        suffix = os.path.splitext(uri)[1] or "(none)"
-        raise ShardError(uri, f"unsupported shard format {suffix!r} (expected .tar or .parquet)")
+        suffix = os.path.splitext(lower)[1] or "(none)"
+        raise ShardError(redact(uri) if remote else uri, f"unsupported shard format {suffix!r} (expected .tar or .parquet)")
+    if remote:
+        return _read_remote(uri, reader)
     if not os.path.exists(uri):
         raise ShardError(uri, "not found")
     if not os.path.isfile(uri):
@@ -32,3 +39,20 @@ def read_shard(uri: str) -> pa.Table:
     if table.num_rows == 0:
         raise ShardError(uri, "empty shard: 0 rows")
     return table
+
+
+def _read_remote(uri: str, reader) -> pa.Table:
+    shown = redact(uri)
+    for attempt in range(2):
+        with local_copy(uri) as path:
+            try:
+                table = reader(path)
+            except ShardError as exc:
+                # Another process may have evicted the cached copy between lookup and open.
+                if attempt == 0 and not os.path.exists(path):
+                    continue
+                raise ShardError(shown, scrub(exc.reason.replace(path, shown), uri)) from None
+        if table.num_rows == 0:
+            raise ShardError(shown, "empty shard: 0 rows")
+        return table
+    raise ShardError(shown, "the cached copy vanished while it was read")

@@ -16,11 +16,21 @@ def expand(patterns: str | list[str]) -> list[str]:
     Brace-expanded paths are kept even when missing, so the caller can report each one;
     a glob only yields what exists (sorted, since the filesystem order is arbitrary).
     Commas are never separators: they belong to brace expressions like `{a,b}`.
+    Remote URIs (`https://`, `s3://`, `gs://`) are kept as written; a glob in one is listed
+    through fsspec (a listing that fails is a ShardError naming the pattern).
     """
+    from loader.sources import remote
+
     if isinstance(patterns, str):
         patterns = [patterns]
     seen: dict[str, None] = {}
     for pattern in patterns:
+        if remote.is_remote(pattern):
+            for entry in braceexpand(pattern):
+                path = remote.url_path(entry) if remote.scheme(entry) in ("http", "https") else entry
+                for match in remote.glob(entry) if _GLOB_CHARS.intersection(path) else [entry]:
+                    seen.setdefault(match, None)
+            continue
         for entry in braceexpand(os.path.expanduser(pattern)):
             if _GLOB_CHARS.intersection(entry):
                 matches = sorted(glob.glob(entry, recursive=True))
