@@ -88,17 +88,19 @@ class Pipeline:
 
     def _check_model_columns(self, records: list[ShardRecord]) -> None:
         """Stops the start, naming the key, when the reference cannot take the pool's input or
-        label column (a string, a variable-length list ...), judged on the first readable shard
-        (read once here; its reader keeps it). Later shards of another schema are quarantined."""
+        label column (a string, a variable-length list ...), judged on the first readable shard.
+        Read here, not by a reader actor: readers may not be placed yet (their nodes still coming
+        up), and the start must not wait for them. Later shards of another schema are quarantined."""
         from loader.scoring import check_model_column
+        from loader.sources import read_shard
 
         for record in records:
             if record.state == "quarantined":
                 continue
-            shard = ray.get(self._readers[record.index % len(self._readers)].read.remote(record.uri, record.index))
-            if shard.error:
-                continue  # the curators quarantine it with its reason, as always
-            schema = ray.get(shard.ref).table.schema
+            try:
+                schema = read_shard(record.uri).schema
+            except Exception:  # the curators quarantine it with its reason, as always
+                continue
             for name, key, label in ((self.config.input_column, "columns.input", False),
                                      (self.config.label_column, "columns.label", True)):  # fmt: skip
                 if name not in schema.names:

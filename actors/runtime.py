@@ -19,6 +19,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         log.info("joined Ray at %s", address)
         return
     ray.init(
+        # "local": always a new Ray of our own. Without it ray.init joins whatever cluster
+        # /tmp/ray/ray_current_cluster names, and hangs on one that died without cleaning up.
+        address="local",
         num_cpus=num_cpus,
         _node_ip_address="127.0.0.1",
         include_dashboard=False,

@@ -140,8 +140,9 @@ def test_ddp_ranks_end_equal_and_a_resumed_run_ends_as_one_never_stopped(service
 
     assert f"resumed at step {STOP_AFTER}, epoch 1 batch {STOP_AFTER - STEPS // EPOCHS}" in resumed, resumed
     for out, step in ((full, STEPS), (cut, STOP_AFTER), (resumed, STEPS)):
-        digests = set(re.findall(rf"^rank [01]: step {step}, weights (\w+)$", out, re.M))
-        assert len(digests) == 1 and len(re.findall(r"^rank [01]: step", out, re.M)) == WORLD, out
+        # Not anchored to lines: the two ranks share stdout and their lines may run together.
+        digests = set(re.findall(rf"rank [01]: step {step}, weights ([0-9a-f]{{16}})", out))
+        assert len(digests) == 1 and len(re.findall(r"rank [01]: step", out)) == WORLD, out
     # The second epoch, split by the stop: every sample once, none lost or repeated in between.
     assert epoch_samples(full) == [TRAIN_ROWS] * EPOCHS, full
     assert epoch_samples(cut)[1] + epoch_samples(resumed)[0] == TRAIN_ROWS, (cut, resumed)
