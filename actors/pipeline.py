@@ -36,7 +36,7 @@ from loader.registry import ShardRecord
 from loader.scoring import ModelSpec, build_model
 from loader.selection.options import SelectionOptions
 from loader.selection.policies import make_policy
-from loader.sources import expand
+from loader.sources import expand, remote_settings
 from loader.state_store import StateStore, job_folder
 
 log = logging.getLogger("loader.pipeline")
@@ -62,8 +62,12 @@ class Pipeline:
             checkpoint_s=config.checkpoint_s,
         )
         self._registry = RegistryActor.remote(self.state_dir)
+        # Remote-shard settings: the config's `remote` keys over LOADER_REMOTE_*, for every reader
+        # and for what this process reads itself (remote globs, the first shard), scoped to this
+        # pipeline's calls since the process may outlive it.
+        self._remote = remote = config.remote.settings()
         placed = ShardReaderActor.options(resources=dict(config.reader_resources)) if config.reader_resources else ShardReaderActor
-        self._readers = [placed.remote(config.reader_cache_mb << 20) for _ in range(config.readers)]
+        self._readers = [placed.remote(config.reader_cache_mb << 20, remote) for _ in range(config.readers)]
         # Scorers start with the first job that needs them: a uniform-only service never pays for
         # a model (and its worker process).
         self._scorers: list = []
@@ -75,7 +79,8 @@ class Pipeline:
         self._arrivals = Arrivals(self._registry, self._readers, lambda: self._scorers, self._budget, self._pruned)
         self._rescoring = Rescoring(self._readers, lambda: self._scorers, self._budget)
         try:
-            uris = expand(list(config.shards))
+            with remote_settings.using(remote):
+                uris = expand(list(config.shards))
         except ShardError as exc:  # a remote listing that failed
             raise ConfigError("shards", str(exc)) from None
         if not uris:
@@ -98,7 +103,8 @@ class Pipeline:
             if record.state == "quarantined":
                 continue
             try:
-                schema = read_shard(record.uri).schema
+                with remote_settings.using(self._remote):
+                    schema = read_shard(record.uri).schema
             except Exception:  # the curators quarantine it with its reason, as always
                 continue
             for name, key, label in ((self.config.input_column, "columns.input", False),
@@ -110,7 +116,8 @@ class Pipeline:
 
     async def add_shards(self, patterns: list[str]) -> list[ShardRecord]:
         """Registers shards while the service runs; the passes of running stream jobs take them in."""
-        uris = expand(patterns)
+        with remote_settings.using(self._remote):
+            uris = expand(patterns)
         if not uris:
             raise ConfigError("uris", f"{patterns} matched no files")
         records = await self._arrivals.admit(await self._registry.add.remote(uris))

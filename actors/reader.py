@@ -14,6 +14,8 @@ import ray
 from actors.runtime import ProcessInfo
 from loader.reader import read_with_ids
 from loader.shard_cache import ShardCache
+from loader.sources import remote_settings
+from loader.sources.remote_settings import RemoteSettings
 
 
 @dataclasses.dataclass
@@ -31,8 +33,9 @@ class ShardRef:
 # crashes it every time is given up after a few tries (and then quarantined by the curator).
 @ray.remote(num_cpus=0.25, max_restarts=-1, max_task_retries=3)
 class ShardReaderActor(ProcessInfo):
-    def __init__(self, cache_bytes: int = 0) -> None:
+    def __init__(self, cache_bytes: int = 0, remote: RemoteSettings | None = None) -> None:
         self._cache: ShardCache[ShardRef] = ShardCache(cache_bytes)
+        remote_settings.configure(remote)  # this process reads only for this service
 
     def read(self, uri: str, index: int) -> ShardRef:
         shard = self._cache.get(uri, index)

@@ -1,7 +1,9 @@
-"""Local baselines over the same tar shards: a torch DataLoader with 2 workers, and Ray Data.
+"""Local baselines over the same tar shards: a torch DataLoader with 2 workers, Ray Data, and the
+`webdataset` package's own pipeline in a 2-worker DataLoader.
 
-Both decode shards with the service's own reader (`loader.sources.read_tar`), so the three paths
-pay the same decoding cost per shard; they differ in how rows travel to the trainer.
+The first two decode shards with the service's own reader (`loader.sources.read_tar`), so they
+pay the same decoding cost per shard as the service; they differ in how rows travel to the
+trainer. The webdataset baseline is what its users run: its own tar iterator and decoders.
 Shuffling matches what a user would write: shard order per epoch, rows within each shard.
 """
 
@@ -66,6 +68,22 @@ def torch_loader(paths: list[str], batch_size: int, workers: int = 2, in_worker_
         return DataLoader(TarShards(paths, batch_size=batch_size), batch_size=None, num_workers=workers,
                           persistent_workers=workers > 0)  # fmt: skip
     return DataLoader(TarShards(paths), batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0)
+
+
+def webdataset_loader(paths: list[str], batch_size: int, workers: int = 2, shuffle: int = 1000) -> DataLoader:
+    """`webdataset.WebDataset` as its documentation shows it: shards shuffled and split across the
+    DataLoader's workers, a sample shuffle buffer, the default decoders, batches built in the
+    workers (`batched`), DataLoader(batch_size=None). Yields (x, y) tuples of batches."""
+    import webdataset as wds
+
+    dataset = (
+        wds.WebDataset(paths, shardshuffle=len(paths), empty_check=False)
+        .shuffle(shuffle)
+        .decode()
+        .to_tuple("x.npy", "y.cls")
+        .batched(batch_size)
+    )
+    return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 
 
 def ray_data_epoch(paths: list[str], batch_size: int, seed: int, epoch: int):

@@ -10,6 +10,8 @@ For small samples (MNIST-1D vectors, tar shards from `loader.datasets.make_shard
   remote_uniform    RemoteLoader, policy `uniform`, from an in-process service on a local Ray
   remote_curated    RemoteLoader, policy `loss` (InfoBatch) with random losses reported per batch
   torch_dataloader  torch DataLoader, 2 workers, an IterableDataset over the same shards
+  webdataset_dataloader  webdataset.WebDataset (shard shuffle, shuffle buffer, decode, batched)
+                    in a 2-worker DataLoader, the way its documentation shows
   ray_data          Ray Data `iter_torch_batches`, a read task per shard
 Every consumer but Ray Data runs in its own process, as a trainer would. Each path runs one
 untimed warm-up epoch, then --epochs timed ones; samples/s counts delivered samples (a curated
@@ -174,6 +176,11 @@ def local_round(kind: Kind, paths: list[str], epochs: int, nbytes: int, only: se
         spec = {**spec, "in_worker_batches": True}
         record = epochs_record("torch_dataloader_worker_batches", kind, consumer(spec)["epochs"], nbytes, workers=2)
         yield "torch_dataloader_worker_batches", record
+    if "webdataset_dataloader" in only:
+        # The sample shuffle buffer holds as many rows as the service's (kind.service).
+        spec = {"mode": "webdataset", "shuffle": kind.service.get("shuffle_rows", 1000), **common}
+        result = consumer(spec)["epochs"]
+        yield "webdataset_dataloader", epochs_record("webdataset_dataloader", kind, result, nbytes, workers=2)
     if "ray_data" in only:
         result = time_epochs(lambda e: ray_data_epoch(paths, kind.batch_size, 0, e), epochs + 1)
         yield "ray_data", epochs_record("ray_data", kind, result, nbytes)
@@ -228,7 +235,7 @@ def run_kind(kind: Kind, root: str, epochs: int, rounds: int, only: set[str]) ->
     return rows, e2e, setup
 
 
-PATHS = ("bare_grpc", "remote_uniform", "remote_curated", "torch_dataloader", "ray_data", "e2e")
+PATHS = ("bare_grpc", "remote_uniform", "remote_curated", "torch_dataloader", "webdataset_dataloader", "ray_data", "e2e")
 
 
 def main() -> None:

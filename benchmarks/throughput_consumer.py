@@ -3,7 +3,7 @@
     python benchmarks/throughput_consumer.py '{"mode": "remote", ...}'
 
 Modes: `bare` (the bare-gRPC client), `remote` (RemoteLoader epochs), `torch` (DataLoader
-epochs), `train` (trainer steps on one of those sources, or on batches held in memory).
+epochs), `webdataset` (webdataset.WebDataset in a DataLoader), `train` (trainer steps on one of those sources, or on batches held in memory).
 Prints one JSON line with the figures.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import bare_grpc
-from baselines import time_epochs, torch_loader
+from baselines import time_epochs, torch_loader, webdataset_loader
 from loader import RemoteLoader
 from train_steps import endless, train
 
@@ -58,6 +58,12 @@ def remote_epochs(spec: dict) -> list[dict]:
 def torch_epochs(spec: dict) -> list[dict]:
     loader = torch_loader(spec["paths"], spec["batch_size"], spec.get("workers", 2), spec.get("in_worker_batches", False))
     it = lambda _: iter(loader)  # noqa: E731  (each iter() is the next epoch of the persistent workers)
+    return time_epochs(it, spec["epochs"])
+
+
+def webdataset_epochs(spec: dict) -> list[dict]:
+    loader = webdataset_loader(spec["paths"], spec["batch_size"], spec.get("workers", 2), spec.get("shuffle", 1000))
+    it = lambda _: ({"x": x, "y": y} for x, y in loader)  # noqa: E731
     return time_epochs(it, spec["epochs"])
 
 
@@ -104,6 +110,8 @@ def main(spec: dict) -> dict:
         return {"epochs": remote_epochs(spec)}
     if mode == "torch":
         return {"epochs": torch_epochs(spec)}
+    if mode == "webdataset":
+        return {"epochs": webdataset_epochs(spec)}
     if mode == "train":
         return train_source(spec)
     raise SystemExit(f"unknown mode {mode!r}")

@@ -148,6 +148,27 @@ _TEXT = Annotated[str, _STRICT]
 
 
 @dataclasses.dataclass(frozen=True)
+class RemoteConfig:
+    """Remote and pipe: shards (loader.sources.remote_settings): each key left out is taken from
+    LOADER_REMOTE_<KEY> in the service's environment, else its default."""
+
+    __pydantic_config__ = _SCHEMA_CONFIG
+
+    cache_dir: Annotated[str, _STRICT, MinLen(1)] | None = None  # default ~/.cache/loader/remote-shards
+    cache_mb: Annotated[float, _STRICT, Interval(ge=0)] | None = None  # default 10240
+    attempts: _COUNT | None = None  # default 5
+    backoff_s: Annotated[float, _STRICT, Interval(ge=0)] | None = None  # default 0.5
+    backoff_max_s: Annotated[float, _STRICT, Interval(ge=0)] | None = None  # default 8
+    timeout_s: _SECONDS | None = None  # default 30
+    allow_pipe: Annotated[bool, _STRICT] | None = None  # default false: pipe: runs shell commands
+
+    def settings(self):
+        from loader.sources.remote_settings import RemoteSettings
+
+        return RemoteSettings.from_env(**dataclasses.asdict(self))
+
+
+@dataclasses.dataclass(frozen=True)
 class ServiceConfig:
     """The service's settings. `from_mapping` checks them; code that builds one itself is trusted."""
 
@@ -220,6 +241,8 @@ class ServiceConfig:
     token_file: Annotated[str, _STRICT, AfterValidator(_token_file)] | None = None
     # TLS for the gRPC port; None serves plaintext.
     tls: TLSConfig | None = None
+    # Remote (https://, s3://, gs://) and pipe: shards: read cache, retries, timeouts, pipe: on/off.
+    remote: RemoteConfig = dataclasses.field(default_factory=RemoteConfig)
 
     @property
     def input_column(self) -> str:

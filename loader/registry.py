@@ -11,8 +11,9 @@ PENDING, OK, QUARANTINED = "pending", "ok", "quarantined"
 
 def missing_at_registration(uri: str) -> bool:
     """Whether a URI can be quarantined as "not found" when it is registered: only a local path
-    that does not exist. A remote URI (or any `scheme://`) is found out when it is read."""
-    return "://" not in uri and not os.path.exists(uri)
+    that does not exist. A remote URI (or any `scheme://`) or a `pipe:` command is found out when
+    it is read."""
+    return "://" not in uri and not uri.startswith("pipe:") and not os.path.exists(uri)
 
 
 @dataclasses.dataclass

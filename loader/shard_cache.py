@@ -12,6 +12,7 @@ import collections
 import os
 from typing import Generic, TypeVar
 
+from loader.sources.pipe import is_pipe
 from loader.sources.remote import cached_path, is_remote
 
 V = TypeVar("V")
@@ -28,10 +29,10 @@ class ShardCache(Generic[V]):
     def identity(uri: str, index: int) -> tuple | None:
         """The cache key of the file as it is now; None when it cannot be stat'ed."""
         # A rewritten file must not be served from the cache: size and mtime are part of the key.
-        # A remote shard is keyed by its copy in the read cache (loader.sources.remote): taken as
+        # A remote (or pipe:) shard is keyed by its copy in the read cache (loader.sources.remote): taken as
         # immutable, it is decoded again only once that copy is evicted.
         path = uri
-        if is_remote(uri):
+        if is_remote(uri) or is_pipe(uri):
             path = cached_path(uri)
             if path is None:
                 return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import tarfile
 import threading
 
 import numpy as np
@@ -13,6 +15,15 @@ from loader.sources import read_shard
 # What tests give RemoteLoader as `timeout_s`: its default (300 s) equals pytest's own limit, so a
 # hang would end without the loader's error.
 LOADER_TIMEOUT_S = 60
+
+
+def raw_tar(path: str, members: list[tuple[str, bytes]]) -> None:
+    """A tar of exactly these members, in this order: for shards no writer of ours would make."""
+    with tarfile.open(path, "w") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
 
 
 def rows_in(paths) -> int:

@@ -9,7 +9,6 @@ import io
 import logging.handlers
 import os
 import shutil
-import tarfile
 from collections.abc import Callable
 
 import numpy as np
@@ -23,7 +22,7 @@ from loader.ids import make_ids
 from loader.sources import read_shard
 from loader.sources.writers import write_parquet, write_tar
 from loader.tensors import to_numpy
-from tests.helpers import epoch_ids
+from tests.helpers import epoch_ids, raw_tar
 
 ROWS = 16  # rows of each bad shard that has rows at all
 CALL_TIMEOUT_S = 60
@@ -45,14 +44,6 @@ def npy(value: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, value, allow_pickle=False)
     return buffer.getvalue()
-
-
-def raw_tar(path: str, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, payload in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
 
 
 def tar_members(columns: dict[str, np.ndarray]) -> list[tuple[str, bytes]]:
@@ -80,6 +71,10 @@ def good_parquet(path: str, cols) -> None:
     write_parquet(path, cols)
 
 
+def member_index(members: list[tuple[str, bytes]], name: str) -> int:
+    return [member for member, _ in members].index(name)
+
+
 def truncated_tar(path: str, cols) -> None:
     write_tar(path, samples(cols))
     cut(path)
@@ -87,16 +82,17 @@ def truncated_tar(path: str, cols) -> None:
 
 def undecodable_member(path: str, cols) -> None:
     members = tar_members(cols)
-    name, _ = members[3 * len(cols)]  # sample 3's first column, x
-    members[3 * len(cols)] = (name, b"this is not an npy array")
+    at = member_index(members, "000000003.x.npy")
+    members[at] = (members[at][0], b"this is not an npy array")
     raw_tar(path, members)
 
 
 def broken_npy_header(path: str, cols) -> None:
     # numpy's header parser raises tokenize.TokenError here, not ValueError.
     members = tar_members(cols)
-    name, payload = members[3 * len(cols)]
-    members[3 * len(cols)] = (name, payload.replace(b"(40,)", b"(40, "))
+    at = member_index(members, "000000003.x.npy")
+    name, payload = members[at]
+    members[at] = (name, payload.replace(b"(40,)", b"(40, "))
     raw_tar(path, members)
 
 
@@ -169,7 +165,7 @@ KINDS = [
     Kind("tar-wrong-dtype", "tar", with_x(lambda x: x.astype(np.float64), good_tar), "column 'x' is float64[40], the pool's is float32[40]"),
     Kind("tar-wrong-shape", "tar", with_x(wider, good_tar), "column 'x' is float32[41], the pool's is float32[40]"),
     Kind("tar-empty", "tar", empty_tar, "empty shard"),
-    Kind("tar-other-schema", "tar", other_schema(good_tar), "schema differs from the pool's: lacks column 'x'"),
+    Kind("tar-other-schema", "tar", other_schema(good_tar), "schema differs from the pool's: lacks column 'noisy' (int64)"),
     Kind("tar-vanished-after-registration", "tar", good_tar, "not found", when="registered"),
     Kind("tar-truncated-between-epochs", "tar", good_tar, "truncated tar", when="later", later=cut),
     Kind("tar-deleted-between-epochs", "tar", good_tar, "not found", when="later", later=os.remove),
@@ -180,7 +176,7 @@ KINDS = [
     Kind("parquet-wrong-dtype", "parquet", with_x(lambda x: x.astype(np.float64), good_parquet), "column 'x' is float64[40], the pool's is float32[40]"),
     Kind("parquet-wrong-shape", "parquet", with_x(wider, good_parquet), "column 'x' is float32[41], the pool's is float32[40]"),
     Kind("parquet-empty", "parquet", empty_parquet, "empty shard: 0 rows"),
-    Kind("parquet-other-schema", "parquet", other_schema(good_parquet), "schema differs from the pool's: lacks column 'x'"),
+    Kind("parquet-other-schema", "parquet", other_schema(good_parquet), "schema differs from the pool's: lacks column 'noisy' (int64)"),
     Kind("parquet-vanished-after-registration", "parquet", good_parquet, "not found", when="registered"),
     Kind("parquet-truncated-between-epochs", "parquet", good_parquet, "truncated parquet: no footer", when="later", later=cut),
 ]  # fmt: skip
@@ -306,7 +302,7 @@ def test_good_shards_stay_ok_and_are_quarantined_nowhere(uniform_run):
 KEEP = 0.5
 CURATED_KINDS = {
     "tar-garbage": "not a readable tar archive",
-    "tar-other-schema": "lacks column 'x'",
+    "tar-other-schema": "lacks column 'noisy'",
     "parquet-wrong-shape": "column 'x' is float32[41]",
     "parquet-wrong-dtype": "column 'x' is float64[40]",
     # Columns and types are the pool's, but the reference model (10 classes) cannot score label 12.

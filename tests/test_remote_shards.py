@@ -192,7 +192,7 @@ def test_cache_stays_within_its_bound_evicting_least_recently_used(shard_dir, ht
     assert bound < sum(sizes)
     monkeypatch.setenv("LOADER_REMOTE_CACHE_MB", repr(bound / (1 << 20)))
     urls = [f"{http.url}/parquet/{os.path.basename(p)}" for p in paths]
-    cache = FileCache.from_env()
+    cache = FileCache.current()
     assert cache.max_bytes <= bound
     read_shard(urls[0])
     read_shard(urls[1])
@@ -208,7 +208,7 @@ def test_shard_larger_than_the_cache_is_read_and_not_kept(shard_dir, http, monke
     monkeypatch.setenv("LOADER_REMOTE_CACHE_MB", "0.0001")
     path = local_shards(shard_dir, "tar")[0]
     assert_same(f"{http.url}/tar/{os.path.basename(path)}", path)
-    assert FileCache.from_env().bytes() == 0
+    assert FileCache.current().bytes() == 0
 
 
 def test_404_is_quarantined_with_the_url_and_reason(http) -> None:

@@ -44,7 +44,7 @@ def test_tar_round_trip(tmp_path) -> None:
     path = str(tmp_path / "a.tar")
     write_tar(path, samples)
     table = read_shard(path)
-    assert table.column_names == ["x", "y", "name", "w"]
+    assert table.column_names == ["name", "w", "x", "y"]  # TarWriter writes a sample's members in name order
     assert table.schema.field("y").type == pa.int64()
     assert table.schema.field("name").type == pa.string()
     np.testing.assert_array_equal(to_numpy(table.column("x")), np.stack([s["x"] for s in samples]))
@@ -76,6 +76,8 @@ def test_split_member() -> None:
     assert split_member("000001.cls") == ("000001", "cls", "cls")
     assert split_member("k.seg.mask.png") == ("k", "seg.mask", "png")
     assert split_member("README") is None
+    assert split_member(".hidden.npy") is None
+    assert split_member("a.b/k.x.npy") == ("a.b/k", "x", "npy")  # dots in folders are not the key's
 
 
 def test_webdataset_columns_and_grouping(tmp_path) -> None:

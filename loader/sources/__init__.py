@@ -8,6 +8,8 @@ import pyarrow as pa
 
 from loader.errors import ShardError
 from loader.sources.parquet import read_parquet
+from loader.sources import pipe
+from loader.sources.file_cache import FileCache
 from loader.sources.patterns import expand
 from loader.sources.remote import is_remote, local_copy, redact, scrub, url_path
 from loader.sources.webdataset import read_tar
@@ -19,7 +21,13 @@ def read_shard(uri: str) -> pa.Table:
     """Whole shard, rows in file order; any problem is a ShardError naming `uri`.
 
     A remote URI (`https://`, `s3://`, `gs://`, see loader.sources.remote) is fetched into the
-    local read cache first; its errors name the URI without credentials."""
+    local read cache first; its errors name the URI without credentials. So is the output of a
+    `pipe:COMMAND` shard (loader.sources.pipe), when the config allows them."""
+    if pipe.is_pipe(uri):
+        pipe.check_allowed(uri)  # before the cache: a copy kept from when pipes were on is not served
+        reader = read_parquet if pipe.format_suffix(uri) == ".parquet" else read_tar
+        fetch = lambda tmp: pipe.fetch(uri, tmp)  # noqa: E731
+        return _read_fetched(uri, pipe.shown(uri), reader, lambda: FileCache.current().local_copy(uri, fetch))
     remote = is_remote(uri)
     lower = url_path(uri).lower() if remote else uri.lower()
     if lower.endswith(".tar"):
@@ -30,7 +38,7 @@ def read_shard(uri: str) -> pa.Table:
         suffix = os.path.splitext(lower)[1] or "(none)"
         raise ShardError(redact(uri) if remote else uri, f"unsupported shard format {suffix!r} (expected .tar or .parquet)")
     if remote:
-        return _read_remote(uri, reader)
+        return _read_fetched(uri, redact(uri), reader, lambda: local_copy(uri))
     if not os.path.exists(uri):
         raise ShardError(uri, "not found")
     if not os.path.isfile(uri):
@@ -41,10 +49,10 @@ def read_shard(uri: str) -> pa.Table:
     return table
 
 
-def _read_remote(uri: str, reader) -> pa.Table:
-    shown = redact(uri)
+def _read_fetched(uri: str, shown: str, reader, copy) -> pa.Table:
+    """Reads the local copy `copy()` gives; errors name `shown`, never the cache's file."""
     for attempt in range(2):
-        with local_copy(uri) as path:
+        with copy() as path:
             try:
                 table = reader(path)
             except ShardError as exc:

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 
 from loader.errors import ShardError
+from loader.sources.images import EXTENSIONS as IMAGE_EXTENSIONS
+from loader.sources.images import decode_image
 
 
 def _npy(data: bytes) -> np.ndarray:
@@ -38,7 +40,10 @@ DECODERS: dict[str, Callable[[bytes], Any]] = {
     "cls": _cls,
     "json": _json,
     "txt": _txt,
+    **{ext: decode_image for ext in IMAGE_EXTENSIONS},
 }
+# Members whose decoded values are arrays, stacked into one tensor column per shard.
+ARRAY_EXTENSIONS = frozenset({"npy", *IMAGE_EXTENSIONS})
 
 
 def decode(ext: str, data: bytes, *, uri: str, member: str) -> Any:

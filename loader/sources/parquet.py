@@ -1,4 +1,5 @@
-"""Read a Parquet shard; tensor extension columns come back as fixed_shape_tensor."""
+"""Read a Parquet shard; tensor extension columns come back as fixed_shape_tensor, and the
+`Image` columns of Hugging Face datasets as uint8 tensors."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from loader.errors import ShardError
+from loader.sources.huggingface import decode_images
 
 MAGIC = b"PAR1"
 
@@ -16,9 +18,10 @@ def read_parquet(path: str) -> pa.Table:
     try:
         # Pages written with checksums (ours are) are verified: a flipped byte in a data page
         # would otherwise decode into plausible, wrong samples.
-        return pq.read_table(path, page_checksum_verification=True)
+        table = pq.read_table(path, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as exc:
         raise ShardError(path, f"{_problem(path)}: {exc}") from exc
+    return decode_images(path, table)
 
 
 def _problem(path: str) -> str:

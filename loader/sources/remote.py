@@ -6,10 +6,9 @@ AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN / AWS_PROFILE, and
 for an S3-compatible server; for gs://: gcsfs's own). `LOADER_STORAGE_OPTIONS` may hold a JSON
 mapping from protocol to extra fsspec storage options (`{"s3": {"anon": true}}`).
 
-Remote shards are taken as immutable: a cached copy is served without asking the server again.
-The cache is a folder of whole files shared by every process on the machine; the least recently
-used files (by mtime, which each hit refreshes) are removed when it grows past its bound. A shard
-larger than the whole bound is read from a temporary copy that is removed after the read.
+Remote shards are taken as immutable: a copy in the read cache (loader.sources.file_cache) is
+served without asking the server again. The cache bound, retries and timeouts are the process's
+RemoteSettings (loader.sources.remote_settings: the config's `remote` keys, or LOADER_REMOTE_*).
 
 Reasons and log lines name a URI without its user info or query (where signed URLs keep their
 tokens), and any credential value found in the environment is blanked out of them.
@@ -19,18 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import posixpath
 import random
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 
 from loader.errors import ShardError
-from loader.files import atomic_file, make_dirs
+from loader.sources import remote_settings
+from loader.sources.file_cache import FileCache
 
 log = logging.getLogger("loader.remote")
 
@@ -38,12 +36,6 @@ SCHEMES = frozenset({"http", "https", "s3", "s3a", "gs", "gcs"})
 # The package fsspec needs for each protocol, for a clear reason when it is missing.
 PACKAGES = {"http": "aiohttp", "https": "aiohttp", "s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs"}
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS_JSON")
-
-# Settings (environment, until the config grows keys for them: see the report of issue 14).
-CACHE_DIR_ENV = "LOADER_REMOTE_CACHE_DIR"
-CACHE_MB_ENV = "LOADER_REMOTE_CACHE_MB"
-DEFAULT_CACHE_MB = 10 * 1024
-
 
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
@@ -61,14 +53,11 @@ class RetryPolicy:
         return wait * (1 + random.uniform(0, 0.25))
 
     @classmethod
-    def from_env(cls) -> RetryPolicy:
-        default = cls()
-        return cls(
-            attempts=max(1, int(os.environ.get("LOADER_REMOTE_ATTEMPTS", default.attempts))),
-            base_s=float(os.environ.get("LOADER_REMOTE_BACKOFF_S", default.base_s)),
-            max_s=float(os.environ.get("LOADER_REMOTE_BACKOFF_MAX_S", default.max_s)),
-            timeout_s=float(os.environ.get("LOADER_REMOTE_TIMEOUT_S", default.timeout_s)),
-        )
+    def current(cls) -> RetryPolicy:
+        """The policy of this process's settings (loader.sources.remote_settings)."""
+        settings = remote_settings.current()
+        return cls(attempts=settings.attempts, base_s=settings.backoff_s, max_s=settings.backoff_max_s,
+                   timeout_s=settings.timeout_s)  # fmt: skip
 
 
 def scheme(uri: str) -> str:
@@ -167,7 +156,7 @@ def _storage_options(protocol: str, policy: RetryPolicy, auth: tuple[str, str] |
 
 def filesystem(uri: str, policy: RetryPolicy | None = None):
     """(fsspec filesystem, path) for `uri`; a missing package is a ShardError naming it."""
-    policy = policy or RetryPolicy.from_env()
+    policy = policy or RetryPolicy.current()
     protocol = scheme(uri)
     auth = None
     if protocol in ("http", "https"):
@@ -249,7 +238,7 @@ def classify(exc: BaseException) -> tuple[bool, str]:
 def with_retries(uri: str, action: Callable[[], object], policy: RetryPolicy | None = None):
     """`action()`, retried with exponential backoff while it fails transiently; a ShardError
     naming the (redacted) URI and the last reason once it fails for good."""
-    policy = policy or RetryPolicy.from_env()
+    policy = policy or RetryPolicy.current()
     shown = redact(uri)
     for attempt in range(policy.attempts):
         try:
@@ -270,108 +259,26 @@ def with_retries(uri: str, action: Callable[[], object], policy: RetryPolicy | N
     raise AssertionError("unreachable")
 
 
-# --- the read cache ------------------------------------------------------------------------------
-
-
-class FileCache:
-    """Whole remote files under `folder`, at most `max_bytes` of them, least recently used out."""
-
-    def __init__(self, folder: str, max_bytes: int) -> None:
-        self.folder = folder
-        self.max_bytes = max_bytes
-
-    @classmethod
-    def from_env(cls) -> FileCache:
-        folder = os.environ.get(CACHE_DIR_ENV) or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "loader", "remote-shards"
-        )
-        return cls(folder, int(float(os.environ.get(CACHE_MB_ENV, DEFAULT_CACHE_MB)) * (1 << 20)))
-
-    def path(self, uri: str) -> str:
-        ext = posixpath.splitext(url_path(uri))[1].lower()
-        return os.path.join(self.folder, hashlib.sha256(uri.encode()).hexdigest()[:40] + ext)
-
-    def lookup(self, uri: str) -> str | None:
-        """The cached copy's path (marked as just used), or None."""
-        path = self.path(uri)
-        try:
-            os.utime(path)
-        except FileNotFoundError:
-            return None
-        return path
-
-    def files(self) -> list[tuple[float, int, str]]:
-        """(mtime, size, path) of each cached file, oldest first."""
-        entries = []
-        try:
-            with os.scandir(self.folder) as it:
-                for entry in it:
-                    if entry.name.startswith(".") or not entry.is_file():
-                        continue  # temporary files of downloads in progress
-                    with contextlib.suppress(FileNotFoundError):
-                        stat = entry.stat()
-                        entries.append((stat.st_mtime, stat.st_size, entry.path))
-        except FileNotFoundError:
-            return []
-        return sorted(entries)
-
-    def bytes(self) -> int:
-        return sum(size for _, size, _ in self.files())
-
-    def evict(self, keep: str | None = None) -> None:
-        """Removes the least recently used files until the cache is within its bound."""
-        entries = self.files()
-        total = sum(size for _, size, _ in entries)
-        for _, size, path in entries:
-            if total <= self.max_bytes:
-                break
-            if path == keep:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-            total -= size
-
-    @contextlib.contextmanager
-    def local_copy(self, uri: str, fetch: Callable[[str], None]) -> Iterator[str]:
-        """A local path holding `uri`'s bytes for the block: the cached copy, or one `fetch(tmp)`
-        writes; one larger than the whole bound is removed after the block."""
-        path = self.lookup(uri)
-        if path is None:
-            path = self.path(uri)
-            make_dirs(self.folder)
-            with atomic_file(path) as tmp:
-                fetch(tmp)
-            if os.path.getsize(path) > self.max_bytes:
-                try:
-                    yield path
-                finally:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(path)
-                return
-            self.evict(keep=path)
-        yield path
-
-
 def local_copy(uri: str) -> contextlib.AbstractContextManager[str]:
     """The remote shard `uri` as a local file (see FileCache.local_copy), fetched with retries."""
-    policy = RetryPolicy.from_env()
+    policy = RetryPolicy.current()
     fs, path = filesystem(uri, policy)
 
     def fetch(tmp: str) -> None:
         with_retries(uri, lambda: fs.get_file(path, tmp), policy)
 
-    return FileCache.from_env().local_copy(uri, fetch)
+    return FileCache.current().local_copy(uri, fetch)
 
 
 def cached_path(uri: str) -> str | None:
     """The cached copy of `uri` if there is one (not marked as used)."""
-    path = FileCache.from_env().path(uri)
+    path = FileCache.current().path(uri)
     return path if os.path.isfile(path) else None
 
 
 def glob(pattern: str) -> list[str]:
     """URIs matching a remote glob, sorted; a ShardError when the listing fails."""
-    policy = RetryPolicy.from_env()
+    policy = RetryPolicy.current()
     fs, path = filesystem(pattern, policy)
     matches = with_retries(pattern, lambda: fs.glob(path), policy)
     uris = []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import tarfile
 from collections.abc import Iterable
 
 import numpy as np
@@ -30,31 +29,30 @@ def _encode(value: Value) -> tuple[str, bytes]:
     raise TypeError(f"cannot write {type(value).__name__} to a tar shard (use ndarray, int or str)")
 
 
-def _member(name: str, payload: bytes) -> tarfile.TarInfo:
-    # Fixed metadata makes the same samples produce byte-identical shards.
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
 def write_tar(path: str, samples: Iterable[dict[str, Value]]) -> None:
-    """One sample per dict; an optional `__key__` entry overrides the key `f"{i:09d}"`."""
-    with atomic_file(path) as tmp, tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for index, sample in enumerate(samples):
-            key = str(sample.get("__key__", f"{index:09d}"))
-            if "." in os.path.basename(key):
-                raise ValueError(f"key {key!r}: a dot would split it when read back")
-            for name, value in sample.items():
-                if name == "__key__":
-                    continue
-                if not name or "/" in name:
-                    raise ValueError(f"sample {key!r}: invalid column name {name!r}")
-                ext, payload = _encode(value)
-                tar.addfile(_member(f"{key}.{name}.{ext}", payload), io.BytesIO(payload))
+    """One sample per dict; an optional `__key__` entry overrides the key `f"{i:09d}"`.
+
+    Written by `webdataset.TarWriter` (members `KEY.NAME.EXT`, in name order within a sample) with
+    fixed metadata, so that the same samples make byte-identical shards."""
+    import webdataset
+
+    with atomic_file(path) as tmp, open(tmp, "wb") as stream:
+        writer = webdataset.TarWriter(stream, encoder=False, mtime=0, mode=0o644, user="", group="", format="PAX_FORMAT")
+        with writer:
+            for index, sample in enumerate(samples):
+                key = str(sample.get("__key__", f"{index:09d}"))
+                if "." in os.path.basename(key):
+                    raise ValueError(f"key {key!r}: a dot would split it when read back")
+                encoded: dict[str, str | bytes] = {"__key__": key}
+                for name, value in sample.items():
+                    if name == "__key__":
+                        continue
+                    # TarWriter drops names starting with "_" (its metadata); ours are columns.
+                    if not name or "/" in name or name.startswith("_"):
+                        raise ValueError(f"sample {key!r}: invalid column name {name!r}")
+                    ext, payload = _encode(value)
+                    encoded[f"{name}.{ext}"] = payload
+                writer.write(encoded)
 
 
 def write_parquet(path: str, columns: dict[str, np.ndarray]) -> None:
