@@ -23,12 +23,10 @@ from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
 from actors.routing import learner_scorer
 from actors.runtime import ProcessInfo
-from loader.curator import Curator, CuratorSettings, Failed, JobSpec, Lookup, Materialize, Pending, Ready
-from loader.gather import gather_rows, groups_by_id
-from loader.ids import shard_of
+from loader.curator import Curator, CuratorSettings, JobSpec, Lookup, Materialize, Pending, Ready
 from loader.job.ledger import NO_SNAPSHOT
 from loader.reader import ReadResult
-from loader.sources.schema import conform, mismatch_reason
+from loader.sources.schema import mismatch_reason
 from loader.state_store import StateStore, job_folder
 
 log = logging.getLogger("loader.curator")
@@ -60,6 +58,8 @@ class CuratorActor(ProcessInfo):
         # Stream jobs: how many times shards were added to the pool (the pass in progress takes
         # them in when this moves).
         self._arrivals = 0
+        # Shard index -> URI of the shards read, named in batch plans (the gateway reads by them).
+        self._uris: dict[int, str] = {}
 
     def _condition(self) -> asyncio.Condition:
         if self._changed is None:
@@ -94,8 +94,9 @@ class CuratorActor(ProcessInfo):
                     break
                 await cond.wait()
         if isinstance(result, Materialize):
-            result = await self._materialize(result)
+            result = Ready(result.seq, len(result.ids), self._core.plan(result))
         if isinstance(result, Ready):
+            result = Ready(result.seq, result.rows, result.payload.with_uris(await self._uris_of(result.payload)))
             self._core.served(result.rows, epoch, seq * self._core.spec.world_size + rank)
         return result
 
@@ -317,6 +318,8 @@ class CuratorActor(ProcessInfo):
 
     async def _accept(self, epoch: int, result: ReadResult, scores: tuple | None) -> None:
         reason = result.error or self._core.add_shard(epoch, result.index, result.table, scores)
+        if not reason:
+            self._uris[result.index] = result.uri
         # Awaited, so that once a trainer hears the epoch ended, GetStats shows every quarantine;
         # a registry that died meanwhile is restarted by Ray and told again.
         for _ in range(READ_ATTEMPTS):
@@ -329,17 +332,9 @@ class CuratorActor(ProcessInfo):
             except RayActorError as exc:
                 log.warning("the registry died recording shard %s (%s); retrying", result.uri, exc)
 
-    async def _materialize(self, wanted: Materialize) -> Ready | Failed:
-        shards = {int(s) for s in np.unique(shard_of(wanted.ids))}
-        uris = {r.index: r.uri for r in await self._registry.records.remote()}
-        results = await asyncio.gather(*(self._read(uris[s], s) for s in shards))
-        failed = [r for r, _ in results if r.table is None]
-        if failed:
-            return Failed(f"cannot re-serve batch {wanted.seq}: {failed[0].uri}: {failed[0].error}")
-        schema = self._core.schema or results[0][0].table.schema
-        tables = {r.index: r.table if r.table.schema.equals(schema) else conform(r.table, schema) for r, _ in results}
-        try:
-            table = gather_rows(schema, groups_by_id(wanted.ids, tables))
-        except Exception as exc:
-            return Failed(f"cannot re-serve batch {wanted.seq}: {exc}")
-        return Ready(wanted.seq, len(wanted.ids), self._core.rebuild([table], wanted.weights))
+    async def _uris_of(self, plan) -> dict[int, str]:
+        """URIs of the plan's shards, for the gateway to read them by (the registry's, for shards
+        this curator has not read since it started)."""
+        if any(shard not in self._uris for shard in plan.shards()):
+            self._uris.update({r.index: r.uri for r in await self._registry.records.remote()})
+        return self._uris

@@ -16,8 +16,9 @@ from loader.job.spec import JobSpec
 
 
 class JobHandle:
-    def __init__(self, spec: JobSpec, actor) -> None:
-        self.spec, self._actor = spec, actor
+    def __init__(self, spec: JobSpec, actor, tables=None) -> None:
+        # `tables`: the pipeline's actors.gather.ShardTables, which turns batch plans into payloads.
+        self.spec, self._actor, self._tables = spec, actor, tables
         # Rank -> (its live stream, the epoch it is on); a newer stream for a rank supersedes it.
         self._streams: dict[int, tuple[object, int]] = {}
         self.idle_since: float | None = time.monotonic()
@@ -28,6 +29,10 @@ class JobHandle:
 
     def next_batch(self, rank: int, epoch: int, seq: int, acked: int = -1):
         return self._actor.next_batch.remote(rank, epoch, seq, acked)
+
+    async def payload(self, plan):
+        """A `Ready` batch's bytes: its plan gathered here, in the gateway's process."""
+        return await self._tables.payload(plan)
 
     def ack(self, rank: int, epoch: int, seq: int) -> None:
         self._actor.ack.remote(rank, epoch, seq)

@@ -22,6 +22,7 @@ import ray
 from actors.arrivals import Arrivals
 from actors.budget import BudgetActor
 from actors.curator import CuratorActor
+from actors.gather import ShardTables
 from actors.job import JobHandle
 from actors.reader import ShardReaderActor
 from actors.refresh import REFERENCE_FILE, Rescoring
@@ -68,6 +69,8 @@ class Pipeline:
         self._remote = remote = config.remote.settings()
         placed = ShardReaderActor.options(resources=dict(config.reader_resources)) if config.reader_resources else ShardReaderActor
         self._readers = [placed.remote(config.reader_cache_mb << 20, remote) for _ in range(config.readers)]
+        # The gateway's side of the data plane: batch plans gathered from shard tables it maps.
+        self._tables = ShardTables(self._readers, max(config.reader_cache_mb, 64) << 20)
         # Scorers start with the first job that needs them: a uniform-only service never pays for
         # a model (and its worker process).
         self._scorers: list = []
@@ -210,7 +213,7 @@ class Pipeline:
             self.state_dir, self._budget,
         )  # fmt: skip
         self._store.save_json(f"{job_folder(spec.job)}/spec.json", dataclasses.asdict(spec))
-        handle = self._jobs[spec.job] = JobHandle(spec, curator)
+        handle = self._jobs[spec.job] = JobHandle(spec, curator, self._tables)
         return handle
 
     @property

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from loader import codec
+from loader.gather import encode_plan
 from loader.curator import Curator, CuratorSettings, JobSpec
 from loader.selection.options import SelectionOptions
 from loader.selection.policies import resolve
@@ -137,12 +137,15 @@ class Driver:
             select_wall = curator.selector.seconds - before
             ledger = curator.epochs[epoch].ledger
             seq, kept = len(ledger) - 1, ledger.ids[-1]
-            # The encode's CPU time, measured again on the same batch: select's CPU time is the
-            # call's minus this (the curator's own counter is wall time and stops before encoding).
-            batch = codec.decode(ledger.lookup(0, seq).payload)
+            # The curator no longer encodes (it emits a batch plan; the gateway gathers and
+            # encodes, loader.gather.encode_plan): what it would cost there, timed on this batch's
+            # rows, is reported apart as `encode` and is not part of select.
+            plan = ledger.lookup(0, seq).payload
+            tables = {s: self.payloads.table(s, self.build.records[s].rows) for s in plan.shards()}
             cpu = time.process_time()
-            codec.encode(batch)
+            encode_plan(plan, tables)
             encode_cpu = time.process_time() - cpu
+            call_cpu += encode_cpu  # select's share below is call_cpu - encode_cpu, as before
             curator.ack(0, epoch, seq)  # a trainer's ack frees the payload
             reported = self._losses(len(kept))
             wall, cpu = time.perf_counter(), time.process_time()

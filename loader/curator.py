@@ -23,6 +23,7 @@ import pyarrow as pa
 from loader import codec
 from loader.epoch import Candidates, ClusteredShuffleBuffer, EpochAssembler, ShuffleBuffer
 from loader.ids import shard_of
+from loader.job.plan import BatchPlan
 from loader.job.ledger import NO_SNAPSHOT, EndOfEpoch, Failed, Ledger, Lookup, Materialize, Pending, Ready
 from loader.job.spec import CuratorSettings, JobSpec
 from loader.registry import ShardRecord
@@ -248,11 +249,11 @@ class Curator:
             losses = None if learner_loss is None else np.asarray(learner_loss)[allowed]
             chosen = self.selector.select(candidates.ids[allowed], losses, run.rng, progress)
             chosen = dataclasses.replace(chosen, picks=allowed[chosen.picks])
-        table = candidates.take(chosen.picks)
         if self.journal is not None:
             self.journal(epoch, candidates.ids, chosen.kept, chosen.weights)
-        payload = codec.encode(table.append_column(codec.WEIGHT, pa.array(chosen.weights)))
-        run.ledger.append(chosen.kept, chosen.weights, payload, snapshot_step)
+        # A plan, not a payload: the gateway gathers the rows from the shards (loader.job.plan).
+        plan = BatchPlan(chosen.kept, chosen.weights, candidates.schema)
+        run.ledger.append(chosen.kept, chosen.weights, plan, snapshot_step)
         self.samples_considered += len(candidates.ids)
 
     # -- serving side ---------------------------------------------------------------------------
@@ -292,8 +293,11 @@ class Curator:
         """Stores reported losses; returns why they were rejected, or ''. Rejection changes nothing."""
         return self.selector.feedback(ids, losses)
 
-    def rebuild(self, tables: list[pa.Table], weights: np.ndarray) -> bytes:
-        return codec.encode(pa.concat_tables(tables).append_column(codec.WEIGHT, pa.array(weights)))
+    def plan(self, wanted: Materialize) -> BatchPlan:
+        """The plan of a batch whose plan is no longer kept (acknowledged, or from before a
+        restart): the ledger's ids and weights are all it takes. Its schema is None while no
+        shard has been read (after a restart): the rows' own shards tell it then."""
+        return BatchPlan(wanted.ids, wanted.weights, self.schema)
 
     def _forget_old_epochs(self, newest: int) -> None:
         for epoch in [e for e in self.epochs if e <= newest - self.settings.keep_epochs]:

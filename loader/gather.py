@@ -77,3 +77,16 @@ def _dense(column: pa.ChunkedArray) -> np.ndarray | None:
 
 def _empty_extension(type_: pa.BaseExtensionType) -> pa.Array:
     return pa.ExtensionArray.from_storage(type_, pa.array([], type=type_.storage_type))
+
+
+def encode_plan(plan, tables: dict[int, pa.Table]) -> pa.Buffer:
+    """The Arrow IPC payload of `plan` (a loader.job.plan.BatchPlan): its rows gathered from the
+    decoded shard tables (by shard index, as readers give them), in the pool's column order, with
+    `_weight` appended; byte for byte what the curator used to encode."""
+    from loader import codec
+    from loader.sources.schema import conform
+
+    schema = plan.schema if plan.schema is not None else tables[min(tables)].schema
+    tables = {s: t if t.schema.equals(schema) else conform(t, schema) for s, t in tables.items()}
+    table = gather_rows(schema, groups_by_id(plan.ids, tables))
+    return codec.encode(table.append_column(codec.WEIGHT, pa.array(np.asarray(plan.weights, np.float32))))

@@ -17,6 +17,7 @@ from loader.curator import (
     Pending,
     Ready,
 )
+from loader.gather import encode_plan
 from loader.ids import make_ids, row_of, shard_of
 from loader.registry import ShardRecord
 
@@ -47,8 +48,12 @@ def curator_with(rows_per_shard: list[int], finish: bool = False, epoch: int = 0
 
 
 def decoded(result: Ready) -> pa.Table:
+    """The batch a gateway would send for `result`: its plan gathered from the shards."""
     assert isinstance(result, Ready), result
-    table = codec.decode(result.payload)
+    plan = result.payload
+    # shard() derives each value from the id, so any table long enough holds the same rows.
+    tables = {index: shard(index, 1024) for index in plan.shards()}
+    table = codec.decode(encode_plan(plan, tables))
     assert table.num_rows == result.rows
     return table
 
@@ -130,15 +135,15 @@ def test_ack_covers_every_earlier_sequence_of_that_rank() -> None:
 
 def test_rebuilt_payload_matches_the_original() -> None:
     curator = curator_with([10, 10], finish=True)
-    original = decoded(curator.lookup(1, 0, 1))
+    first = curator.lookup(1, 0, 1)
+    original = decoded(first)
     curator.ack(1, 0, 1)
     wanted = curator.lookup(1, 0, 1)
     assert isinstance(wanted, Materialize)
-    source = pa.concat_tables([shard(0, 10), shard(1, 10)])
-    position = {int(i): p for p, i in enumerate(source.column(codec.ID).to_numpy())}
-    rows = source.take(pa.array([position[int(i)] for i in wanted.ids]))
-    rebuilt = codec.decode(curator.rebuild([rows], wanted.weights))
-    assert rebuilt.equals(original)
+    again = Ready(wanted.seq, len(wanted.ids), curator.plan(wanted))
+    assert decoded(again).equals(original)
+    tables = {index: shard(index, 10) for index in again.payload.shards()}
+    assert encode_plan(again.payload, tables).equals(encode_plan(first.payload, tables))
 
 
 def test_schema_mismatch_is_refused_and_adds_nothing() -> None:

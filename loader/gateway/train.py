@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 
 from loader.curator import EndOfEpoch, Failed, JobSpec, Ready
-from loader.errors import ConfigError
+from loader.errors import ConfigError, ShardError
 from loader.gateway.wire import batch_response
 from loader.scoring import resolve_factory
 from loader.selection.options import SelectionOptions
@@ -212,6 +212,10 @@ class TrainSession:
                 )
                 return
             assert isinstance(result, Ready)
+            try:
+                payload = await self.wait(self.job.payload(result.payload))
+            except ShardError as exc:
+                raise Abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot serve batch {result.seq}: {exc}") from None
             self.credits -= 1
             self.next_seq += 1
-            yield batch_response(self.epoch, result.seq, result.rows, result.payload)
+            yield batch_response(self.epoch, result.seq, result.rows, payload)

@@ -1,0 +1,79 @@
+"""Batch plans turned into payloads in the gateway's process (issue 15: the curator plans, the
+gateway gathers).
+
+The decoded shard tables come from the readers, whose cache hands out the copy already in Ray's
+object store; on the same node `await ref` maps it without copying. Tables are kept here for the
+next batches (least recently used out past `max_bytes`), keyed by the shard file's identity
+(size and mtime, or the read cache's copy for remote shards), so a rewritten shard is read again.
+The gather and the Arrow IPC encode run in a worker thread: numpy and Arrow release the GIL for
+the copies, and the gateway's event loop goes on serving other streams meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+
+import pyarrow as pa
+from ray.exceptions import ObjectLostError, RayActorError
+
+from loader.errors import ShardError
+from loader.gather import encode_plan
+from loader.job.plan import BatchPlan
+from loader.shard_cache import ShardCache
+
+log = logging.getLogger("loader.gather")
+
+READ_ATTEMPTS = 3
+
+
+class ShardTables:
+    def __init__(self, readers: list, max_bytes: int) -> None:
+        self._readers, self.max_bytes = readers, max_bytes
+        # identity -> (table, object ref that keeps it in the object store)
+        self._tables: collections.OrderedDict[tuple, tuple[pa.Table, object]] = collections.OrderedDict()
+        self._bytes = 0
+        self.reads = self.hits = 0
+
+    async def table(self, index: int, uri: str) -> pa.Table:
+        key = ShardCache.identity(uri, index) or (uri, index, "unstated")
+        entry = self._tables.get(key)
+        if entry is not None:
+            self._tables.move_to_end(key)
+            self.hits += 1
+            return entry[0]
+        self.reads += 1
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                # The same reader the curator reads this shard with: its cache has it.
+                shard = await self._readers[(index + attempt) % len(self._readers)].read.remote(uri, index)
+                if shard.error:
+                    raise ShardError(uri, shard.error)
+                result = await shard.ref
+                self._keep(key, result.table, shard.ref)
+                return result.table
+            except (RayActorError, ObjectLostError) as exc:
+                log.warning("an actor died while the gateway read %s (%s); retrying", uri, exc)
+        raise ShardError(uri, f"actors died {READ_ATTEMPTS} times reading it")
+
+    def _keep(self, key: tuple, table: pa.Table, ref) -> None:
+        if key in self._tables:
+            return
+        self._tables[key] = (table, ref)
+        self._bytes += table.nbytes
+        while self._bytes > self.max_bytes and len(self._tables) > 1:
+            _, (old, _) = self._tables.popitem(last=False)
+            self._bytes -= old.nbytes
+
+    async def payload(self, plan: BatchPlan) -> pa.Buffer:
+        """The plan's Arrow IPC payload; a ShardError when one of its shards cannot be read."""
+        uris = dict(plan.uris)
+        shards = plan.shards()
+        tables = await asyncio.gather(*(self.table(s, uris[s]) for s in shards))
+        try:
+            return await asyncio.to_thread(encode_plan, plan, dict(zip(shards, tables)))
+        except (IndexError, ValueError, pa.ArrowException) as exc:
+            # Rows the plan names that its shards no longer hold: a shard rewritten in place.
+            names = ", ".join(uris[s] for s in shards)
+            raise ShardError(names, f"the batch's rows no longer match its shards: {exc}") from None
