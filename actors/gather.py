@@ -26,6 +26,9 @@ from loader.shard_cache import ShardCache
 log = logging.getLogger("loader.gather")
 
 READ_ATTEMPTS = 3
+# Batches smaller than this are gathered on the event loop: for a 45 KB batch, handing the work to
+# a thread and back cost more than the work.
+THREAD_BYTES = 1 << 20
 
 
 class ShardTables:
@@ -36,13 +39,23 @@ class ShardTables:
         self._bytes = 0
         self.reads = self.hits = 0
 
-    async def table(self, index: int, uri: str) -> pa.Table:
-        key = ShardCache.identity(uri, index) or (uri, index, "unstated")
+    def _cached(self, key: tuple) -> pa.Table | None:
         entry = self._tables.get(key)
-        if entry is not None:
-            self._tables.move_to_end(key)
-            self.hits += 1
-            return entry[0]
+        if entry is None:
+            return None
+        self._tables.move_to_end(key)
+        self.hits += 1
+        return entry[0]
+
+    @staticmethod
+    def _key(index: int, uri: str) -> tuple:
+        return ShardCache.identity(uri, index) or (uri, index, "unstated")
+
+    async def table(self, index: int, uri: str) -> pa.Table:
+        key = self._key(index, uri)
+        cached = self._cached(key)
+        if cached is not None:
+            return cached
         self.reads += 1
         for attempt in range(READ_ATTEMPTS):
             try:
@@ -69,11 +82,26 @@ class ShardTables:
     async def payload(self, plan: BatchPlan) -> pa.Buffer:
         """The plan's Arrow IPC payload; a ShardError when one of its shards cannot be read."""
         uris = dict(plan.uris)
-        shards = plan.shards()
-        tables = await asyncio.gather(*(self.table(s, uris[s]) for s in shards))
+        tables: dict[int, pa.Table] = {}
+        missing = []
+        for shard in plan.shards():
+            table = self._cached(self._key(shard, uris[shard]))
+            if table is None:
+                missing.append(shard)
+            else:
+                tables[shard] = table
+        if missing:  # only then the tasks and awaits: most batches find every table here
+            tables.update(zip(missing, await asyncio.gather(*(self.table(s, uris[s]) for s in missing))))
+        row_bytes = sum(t.nbytes / max(t.num_rows, 1) for t in tables.values()) / max(len(tables), 1)
+        if row_bytes * plan.rows < THREAD_BYTES:
+            return self._encode(plan, tables, uris)  # a thread hand-off would cost more than this
+        return await asyncio.to_thread(self._encode, plan, tables, uris)
+
+    @staticmethod
+    def _encode(plan: BatchPlan, tables: dict[int, pa.Table], uris: dict[int, str]) -> pa.Buffer:
         try:
-            return await asyncio.to_thread(encode_plan, plan, dict(zip(shards, tables)))
+            return encode_plan(plan, tables)
         except (IndexError, ValueError, pa.ArrowException) as exc:
             # Rows the plan names that its shards no longer hold: a shard rewritten in place.
-            names = ", ".join(uris[s] for s in shards)
+            names = ", ".join(uris[s] for s in tables)
             raise ShardError(names, f"the batch's rows no longer match its shards: {exc}") from None

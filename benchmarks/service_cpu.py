@@ -82,7 +82,7 @@ def main() -> None:
             spies = []
             if args.py_spy:
                 os.makedirs(args.py_spy, exist_ok=True)
-                spies = [subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--gil", "--nonblocking", "--format", "raw",
+                spies = [subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--gil", "--nonblocking", "--rate", "1000", "--format", "raw",
                                            "-o", os.path.join(args.py_spy, f"{name}.txt")],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                          for name, pid in processes.items()]  # fmt: skip

@@ -84,3 +84,18 @@ def test_a_plan_without_a_schema_takes_its_first_shards() -> None:
     table = codec.decode(encode_plan(plan, shards))
     assert table.column(codec.ID).to_pylist() == ids.tolist()
     assert table.schema.names[:-1] == shards[0].schema.names and table.column(codec.WEIGHT).to_pylist() == [0.5] * 5
+
+
+def test_rows_that_alternate_between_shards_gather_the_same_as_row_by_row() -> None:
+    """A batch drawn from a merged buffer table interleaves shards: gathered shard by shard and
+    put back in order, it must equal the run-by-run gather."""
+    from loader.gather import gather_rows, groups_by_id
+
+    shards = {i: every_column_type(i) for i in range(3)}
+    rng = np.random.default_rng(5)
+    ids = rng.permutation(np.concatenate([make_ids(i, ROWS) for i in shards]))[:20]
+    plan = BatchPlan(ids, np.linspace(0.5, 2.0, 20, dtype=np.float32), shards[0].schema)
+    row_by_row = gather_rows(plan.schema, groups_by_id(ids, shards))
+    expected = codec.encode(row_by_row.append_column(codec.WEIGHT, pa.array(plan.weights)))
+    assert encode_plan(plan, shards).equals(expected)
+    assert codec.decode(encode_plan(plan, shards)).column(codec.ID).to_pylist() == ids.tolist()
