@@ -93,6 +93,28 @@ class CuratorActor(ProcessInfo):
                 if not isinstance(result, Pending):
                     break
                 await cond.wait()
+        return await self._handed_out(result, rank, epoch, seq)
+
+    async def next_batches(self, rank: int, epoch: int, seq: int, count: int, acked: int = -1) -> list[Lookup]:
+        """Batch `seq` as `next_batch` gives it, then those after it, up to `count` in all, as far
+        as they are ready now (the list ends at the first that is not): one actor call for the
+        batches a trainer's credits allow, since a call costs more than choosing a small batch."""
+        first = await self.next_batch(rank, epoch, seq, acked)
+        out = [first]
+        if not isinstance(first, Ready):
+            return out
+        before = self._core.progress(epoch)
+        for later in range(seq + 1, seq + count):
+            result = self._core.lookup(rank, epoch, later)
+            if not isinstance(result, (Ready, Materialize)):
+                break
+            out.append(await self._handed_out(result, rank, epoch, later))
+        if self._core.progress(epoch) != before:
+            await self._notify()  # reading may go on for the batches just asked for
+        return out
+
+    async def _handed_out(self, result: Lookup, rank: int, epoch: int, seq: int) -> Lookup:
+        """A lookup as the gateway gets it: a batch as a plan that names its shards' URIs."""
         if isinstance(result, Materialize):
             result = Ready(result.seq, len(result.ids), self._core.plan(result))
         if isinstance(result, Ready):

@@ -27,8 +27,8 @@ class JobHandle:
 
     # -- the curator -----------------------------------------------------------------------------
 
-    def next_batch(self, rank: int, epoch: int, seq: int, acked: int = -1):
-        return self._actor.next_batch.remote(rank, epoch, seq, acked)
+    def next_batches(self, rank: int, epoch: int, seq: int, count: int, acked: int = -1):
+        return self._actor.next_batches.remote(rank, epoch, seq, count, acked)
 
     async def payload(self, plan):
         """A `Ready` batch's bytes: its plan gathered here, in the gateway's process."""

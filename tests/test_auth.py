@@ -213,8 +213,21 @@ def test_rejected_add_shards_changes_nothing(token_address, mnist_tar):
     assert not any(uri.endswith(outsider.rsplit("/", 1)[-1]) for uri in uris)
 
 
+def watched_until_serving(channel, metadata=()) -> int:
+    """The first status Watch reports that is SERVING, or the last one before the stream ends: a
+    gateway that has just started says NOT_SERVING until its pipeline's actors answer."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    status = None
+    for reply in stub.Watch(health_pb2.HealthCheckRequest(service=""), metadata=metadata, timeout=CALL_TIMEOUT_S):
+        status = reply.status
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            break
+    return status
+
+
 def test_health_needs_no_token(token_address):
     with grpc.insecure_channel(token_address) as channel:
+        assert watched_until_serving(channel) == health_pb2.HealthCheckResponse.SERVING
         assert health(channel) == health_pb2.HealthCheckResponse.SERVING
         assert health(channel, bearer("whatever")) == health_pb2.HealthCheckResponse.SERVING
 

@@ -8,6 +8,7 @@ so a bad message ends the stream with a clear code and changes no state.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 
@@ -25,6 +26,8 @@ from loader.v1 import loader_pb2 as pb
 log = logging.getLogger("loader.gateway")
 
 MAX_CREDIT = 1024
+# Batch plans asked of the curator per call, at most (as many as the stream has credits for).
+PLANS_PER_CALL = 8
 # Far above any data-parallel job; a Hello with 2**32 - 1 ranks would have the curator plan an
 # epoch tail of billions of batches.
 MAX_WORLD_SIZE = 1 << 16
@@ -100,9 +103,11 @@ class TrainSession:
         # This stream sends batches first_seq, first_seq + 1, ...; only those can be acknowledged.
         self.first_seq = self.next_seq = hello.next_seq
         self.credits = 0
-        # Acks ride on the next `next_batch` call (one actor call per batch, not two); whatever
-        # is left when the stream ends goes in one `ack` call.
+        # Acks ride on the next `next_batches` call (no call of their own); whatever is left
+        # when the stream ends goes in one `ack` call.
         self.acked = self.acked_sent = -1
+        # Lookups fetched ahead, not sent yet: batch plans this stream's credits will take.
+        self.ahead: collections.deque = collections.deque()
         self.changed = asyncio.Event()
         self.abort: Abort | None = None
         self.reader_done = False
@@ -201,9 +206,14 @@ class TrainSession:
                 if self.reader_done:
                     return  # the trainer closed its side: no credit can come any more
                 await self.wait()
-            acked = self.acked if self.acked > self.acked_sent else -1
-            self.acked_sent = max(self.acked, self.acked_sent)
-            result = await self.wait(self.job.next_batch(self.rank, self.epoch, self.next_seq, acked))
+            if not self.ahead:
+                acked = self.acked if self.acked > self.acked_sent else -1
+                self.acked_sent = max(self.acked, self.acked_sent)
+                # As many plans as the credits allow, in one call (they are a few hundred bytes
+                # each; the curator keeps every one until acked, so none is lost if we stop).
+                count = max(1, min(self.credits, PLANS_PER_CALL))
+                self.ahead.extend(await self.wait(self.job.next_batches(self.rank, self.epoch, self.next_seq, count, acked)))
+            result = self.ahead.popleft()
             if isinstance(result, Failed):
                 raise Abort(grpc.StatusCode.FAILED_PRECONDITION, result.message)
             if isinstance(result, EndOfEpoch):
