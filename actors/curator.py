@@ -21,7 +21,7 @@ import numpy as np
 import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
-from actors.routing import learner_scorer
+from actors.routing import learner_scorer, shard_reader
 from actors.runtime import ProcessInfo
 from loader.curator import Curator, CuratorSettings, JobSpec, Lookup, Materialize, Pending, Ready
 from loader.job.ledger import NO_SNAPSHOT
@@ -205,10 +205,6 @@ class CuratorActor(ProcessInfo):
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def _reader(self, index: int, attempt: int):
-        # The same shard goes to the same reader, whose cache then holds it; a retry moves on.
-        return self._readers[(index + attempt) % len(self._readers)]
-
     async def _read(self, uri: str, index: int) -> tuple[ReadResult, tuple | None]:
         """Reads a shard and, when the policy needs them and the pool lacks them, its reference
         scores. The reader hands out a reference to the decoded shard in the object store (put
@@ -217,7 +213,7 @@ class CuratorActor(ProcessInfo):
         # objects a reader owns die with it: a shard lost so is read again the same way.
         for attempt in range(READ_ATTEMPTS):
             try:
-                shard = await self._reader(index, attempt).read.remote(uri, index)
+                shard = await shard_reader(self._readers, index, attempt).read.remote(uri, index)
                 if shard.error:
                     return ReadResult(index, uri, error=shard.error), None
                 result = await shard.ref  # zero-copy from the object store on this node

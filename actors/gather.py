@@ -18,10 +18,13 @@ import logging
 import pyarrow as pa
 from ray.exceptions import ObjectLostError, RayActorError
 
+from actors.routing import shard_reader
 from loader.errors import ShardError
 from loader.gather import encode_plan
 from loader.job.plan import BatchPlan
 from loader.shard_cache import ShardCache
+from loader.sources import remote_settings
+from loader.sources.remote_settings import RemoteSettings
 
 log = logging.getLogger("loader.gather")
 
@@ -32,8 +35,9 @@ THREAD_BYTES = 1 << 20
 
 
 class ShardTables:
-    def __init__(self, readers: list, max_bytes: int) -> None:
-        self._readers, self.max_bytes = readers, max_bytes
+    def __init__(self, readers: list, max_bytes: int, remote: RemoteSettings | None = None) -> None:
+        # `remote`: the service's remote-shard settings, where the read cache of a remote shard is.
+        self._readers, self.max_bytes, self._remote = readers, max_bytes, remote
         # identity -> (table, object ref that keeps it in the object store)
         self._tables: collections.OrderedDict[tuple, tuple[pa.Table, object]] = collections.OrderedDict()
         self._bytes = 0
@@ -47,9 +51,11 @@ class ShardTables:
         self.hits += 1
         return entry[0]
 
-    @staticmethod
-    def _key(index: int, uri: str) -> tuple:
-        return ShardCache.identity(uri, index) or (uri, index, "unstated")
+    def _key(self, index: int, uri: str) -> tuple:
+        if self._remote is None:
+            return ShardCache.identity(uri, index) or (uri, index, "unstated")
+        with remote_settings.using(self._remote):
+            return ShardCache.identity(uri, index) or (uri, index, "unstated")
 
     async def table(self, index: int, uri: str) -> pa.Table:
         key = self._key(index, uri)
@@ -60,7 +66,7 @@ class ShardTables:
         for attempt in range(READ_ATTEMPTS):
             try:
                 # The same reader the curator reads this shard with: its cache has it.
-                shard = await self._readers[(index + attempt) % len(self._readers)].read.remote(uri, index)
+                shard = await shard_reader(self._readers, index, attempt).read.remote(uri, index)
                 if shard.error:
                     raise ShardError(uri, shard.error)
                 result = await shard.ref

@@ -70,7 +70,7 @@ class Pipeline:
         placed = ShardReaderActor.options(resources=dict(config.reader_resources)) if config.reader_resources else ShardReaderActor
         self._readers = [placed.remote(config.reader_cache_mb << 20, remote) for _ in range(config.readers)]
         # The gateway's side of the data plane: batch plans gathered from shard tables it maps.
-        self._tables = ShardTables(self._readers, max(config.reader_cache_mb, 64) << 20)
+        self._tables = ShardTables(self._readers, max(config.reader_cache_mb, 64) << 20, remote)
         # Scorers start with the first job that needs them: a uniform-only service never pays for
         # a model (and its worker process).
         self._scorers: list = []

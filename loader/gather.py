@@ -37,6 +37,24 @@ def groups_by_id(ids: np.ndarray, tables: dict[int, pa.Table]) -> list[Group]:
     return [(tables[int(owners[a])], row_of(ids[a:b])) for a, b in zip(starts.tolist(), ends.tolist())]
 
 
+def gather_by_id(schema: pa.Schema, ids: np.ndarray, tables: dict[int, pa.Table]) -> pa.Table:
+    """The rows of `ids` (any mix of shards, by shard index in `tables`), in the order of `ids`.
+
+    Ids from a few runs of shards gather run by run. Ids that alternate between shards (a batch
+    drawn from a merged buffer table) would make one group, and one call per column, per row: they
+    are gathered shard by shard, then put in order with one more vectorised copy."""
+    ids = np.asarray(ids, np.int64)
+    owners = shard_of(ids)
+    runs = 1 + int(np.count_nonzero(np.diff(owners))) if len(ids) else 0
+    if runs <= 2 * len(tables):
+        return gather_rows(schema, groups_by_id(ids, tables))
+    order = np.argsort(owners, kind="stable")
+    by_shard = gather_rows(schema, groups_by_id(ids[order], tables))
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return gather_rows(schema, [(by_shard, inverse)])
+
+
 def _gather_column(type_: pa.DataType, parts: list[tuple[pa.ChunkedArray, np.ndarray]], total: int) -> pa.Array:
     sources = [_dense(column) for column, _ in parts]
     if total and all(source is not None for source in sources):
@@ -110,18 +128,5 @@ def encode_plan(plan, tables: dict[int, pa.Table]) -> pa.Buffer:
 
     schema = plan.schema if plan.schema is not None else tables[min(tables)].schema
     tables = {s: t if t.schema.equals(schema) else conform(t, schema) for s, t in tables.items()}
-    ids = np.asarray(plan.ids, np.int64)
-    owners = shard_of(ids)
-    runs = 1 + int(np.count_nonzero(np.diff(owners))) if len(ids) else 0
-    if runs <= 2 * len(tables):
-        table = gather_rows(schema, groups_by_id(ids, tables))
-    else:
-        # Rows that alternate between shards (a batch drawn from a merged buffer table) would be
-        # one group, and one call per column, per row: gather them shard by shard, then put
-        # them in the plan's order with one more vectorised copy.
-        order = np.argsort(owners, kind="stable")
-        by_shard = gather_rows(schema, groups_by_id(ids[order], tables))
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        table = gather_rows(schema, [(by_shard, inverse)])
+    table = gather_by_id(schema, plan.ids, tables)
     return codec.encode(table.append_column(codec.WEIGHT, pa.array(np.asarray(plan.weights, np.float32))))
