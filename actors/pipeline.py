@@ -22,6 +22,7 @@ import ray
 from actors.arrivals import Arrivals
 from actors.budget import BudgetActor
 from actors.curator import CuratorActor
+from actors.gateways import Gateways
 from actors.gather import ShardTables
 from actors.job import JobHandle
 from actors.reader import ShardReaderActor
@@ -70,7 +71,10 @@ class Pipeline:
         placed = ShardReaderActor.options(resources=dict(config.reader_resources)) if config.reader_resources else ShardReaderActor
         self._readers = [placed.remote(config.reader_cache_mb << 20, remote) for _ in range(config.readers)]
         # The gateway's side of the data plane: batch plans gathered from shard tables it maps.
-        self._tables = ShardTables(self._readers, max(config.reader_cache_mb, 64) << 20, remote)
+        self._table_bytes = max(config.reader_cache_mb, 64) << 20
+        self._tables = ShardTables(self._readers, self._table_bytes, remote)
+        # Gateway processes beyond the caller's (config `gateways`), started by the first gateway.
+        self._gateways: Gateways | None = None
         # Scorers start with the first job that needs them: a uniform-only service never pays for
         # a model (and its worker process).
         self._scorers: list = []
@@ -216,6 +220,36 @@ class Pipeline:
         handle = self._jobs[spec.job] = JobHandle(spec, curator, self._tables)
         return handle
 
+    async def open_stream(self, spec: JobSpec, stream) -> JobHandle:
+        """Registers a trainer stream (`rank`, `epoch`, `superseded(message)`) with the job
+        `spec.job` and returns the job; a stream the rank had before is told it is superseded,
+        on whichever gateway it is. JobConflict (or ConfigError / ValueError for options no
+        policy takes) as `job` and `JobHandle.open_stream` raise them."""
+        handle = self.job(spec)
+        previous = handle.open_stream(stream.rank, stream.epoch, stream, self.epochs_kept)
+        if previous is not None:
+            previous.superseded(f"superseded by a newer stream for job {spec.job!r} rank {stream.rank}")
+        return handle
+
+    def close_stream(self, handle: JobHandle, stream) -> None:
+        handle.close_stream(stream.rank, stream)
+
+    def known_job(self, job: str) -> JobHandle | None:
+        return self._jobs.get(job)
+
+    async def start_gateways(self, address: str, count: int, requires_token: bool) -> list[str]:
+        """Starts `count` more gateway processes on `address` (see actors/gateways.py); returns
+        their bound addresses. Called on the event loop of the first gateway, which then answers
+        their control calls."""
+        if self._gateways is None:
+            self._gateways = Gateways(self, self.config, self._readers, self._table_bytes, self._remote)
+        return await self._gateways.start(address, count, requires_token)
+
+    async def stop_gateways(self) -> None:
+        if self._gateways is not None:
+            gateways, self._gateways = self._gateways, None
+            await gateways.stop()
+
     @property
     def trainers_connected(self) -> int:
         return sum(handle.streams for handle in self._jobs.values())
@@ -253,6 +287,7 @@ class Pipeline:
             "registry": [self._registry], "readers": list(self._readers), "scorers": list(self._scorers),
             "curators": [handle.actor for handle in self._jobs.values()],
             "budget": [self._budget] if self._budget is not None else [],
+            "gateways": self._gateways.actors if self._gateways is not None else [],
         }  # fmt: skip
 
     def curator(self, job: str):
@@ -333,10 +368,14 @@ class Pipeline:
             "rescore_pending": self._rescoring.pending,
             "scorer_devices": [s["device"] for s in scorers],
             "budget": await self._budget.stats.remote() if self._budget is not None else None,
+            "trainers_connected": self.trainers_connected,
         }
 
     def shutdown(self, checkpoint_timeout_s: float = 30.0) -> None:
         """Saves every job's selection state, then stops the actors."""
+        if self._gateways is not None:  # stopped first: nothing may open a stream meanwhile
+            self._gateways.kill()
+            self._gateways = None
         curators = [handle.actor for handle in self._jobs.values()]
         try:
             ray.get([c.checkpoint.remote() for c in curators], timeout=checkpoint_timeout_s)

@@ -23,7 +23,8 @@ from train_steps import endless, train
 
 def remote_loader(spec: dict) -> RemoteLoader:
     loader = RemoteLoader(spec["address"], job=spec["job"], batch_size=spec["batch_size"], policy=spec["policy"],
-                          options=spec.get("options") or {}, prefetch=spec.get("prefetch", 4), timeout_s=300)  # fmt: skip
+                          options=spec.get("options") or {}, prefetch=spec.get("prefetch", 4), timeout_s=300,
+                          rank=spec.get("rank", 0), world_size=spec.get("world_size", 1))  # fmt: skip
     if spec.get("first_epoch"):  # go on with a job another consumer started (profiling runs)
         loader.load_state_dict({**loader.state_dict(), "epoch": spec["first_epoch"], "seq": 0})
     return loader

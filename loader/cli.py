@@ -18,7 +18,7 @@ def _serve(args: argparse.Namespace) -> int:
     from loader import config as config_mod
 
     overrides = {"shards": args.shards, "address": args.address, "ray_address": args.ray_address,
-                 "num_cpus": args.num_cpus, "readers": args.readers}  # fmt: skip
+                 "num_cpus": args.num_cpus, "readers": args.readers, "gateways": args.gateways}  # fmt: skip
     config = config_mod.load(args.config, overrides)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -176,6 +176,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--ray-address", help="join this Ray cluster ('auto', ray://...) instead of a local one")
     s.add_argument("--num-cpus", type=int, help="CPUs for a local Ray")
     s.add_argument("--readers", type=int, help="shard reader actors")
+    s.add_argument("--gateways", type=int, help="gRPC gateway processes sharing --address (SO_REUSEPORT)")
     s.set_defaults(func=_serve)
 
     m = sub.add_parser("make-shards", help="write dataset splits as shards")

@@ -190,6 +190,9 @@ class ServiceConfig:
     # CPUs given to a local Ray (None: all of the machine's).
     num_cpus: _COUNT | None = None
     readers: _COUNT = 2
+    # gRPC gateway processes, all on `address` (SO_REUSEPORT; the kernel spreads connections over
+    # them): the gateway gathers and frames every payload byte, and one process uses one core.
+    gateways: Annotated[int, _STRICT, Interval(ge=1, le=64)] = 1
     # Ray custom resources each reader / scorer actor asks for, e.g. {loader_reader: 1}: they go to
     # the nodes that advertise them (k8s/raycluster.yaml: readers on the CPU group, scorers on the
     # GPU group). Empty: anywhere Ray finds room.

@@ -35,29 +35,39 @@ def epoch_ids(loader: RemoteLoader) -> list[np.ndarray]:
     return [batch["_id"].numpy().copy() for batch in loader]
 
 
-def run_ranks(address: str, job: str, world_size: int, batch_size: int, **kwargs) -> list[list[np.ndarray]]:
-    """One epoch on every rank at once (threads, as DDP ranks run side by side)."""
-    # A stalled stream fails with the loader's own error well before the join below gives up.
-    kwargs.setdefault("timeout_s", LOADER_TIMEOUT_S)
+def in_rank_threads(world_size: int, rank_main, timeout_s: float = 120) -> list:
+    """rank_main(rank) for every rank at once (threads, as DDP ranks run side by side); their
+    results by rank. The first exception a rank raised is raised here."""
     results: list = [None] * world_size
     errors: list = []
 
-    def rank_main(rank: int) -> None:
+    def run(rank: int) -> None:
         try:
-            with RemoteLoader(address, job=job, batch_size=batch_size, rank=rank, world_size=world_size, **kwargs) as loader:
-                results[rank] = epoch_ids(loader)
+            results[rank] = rank_main(rank)
         except Exception as exc:  # surfaced below, in the test's thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world_size)]
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world_size)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=120)
-        assert not t.is_alive(), "a rank did not finish its epoch within 120 s"
+        t.join(timeout=timeout_s)
+        assert not t.is_alive(), f"a rank did not finish within {timeout_s:g} s"
     if errors:
         raise errors[0]
     return results
+
+
+def run_ranks(address: str, job: str, world_size: int, batch_size: int, **kwargs) -> list[list[np.ndarray]]:
+    """One epoch on every rank at once."""
+    # A stalled stream fails with the loader's own error well before the join gives up.
+    kwargs.setdefault("timeout_s", LOADER_TIMEOUT_S)
+
+    def rank_main(rank: int) -> list[np.ndarray]:
+        with RemoteLoader(address, job=job, batch_size=batch_size, rank=rank, world_size=world_size, **kwargs) as loader:
+            return epoch_ids(loader)
+
+    return in_rank_threads(world_size, rank_main)
 
 
 def blobs(rng: np.random.Generator, centroids: np.ndarray, rows: int) -> dict[str, np.ndarray]:

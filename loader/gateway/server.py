@@ -42,10 +42,14 @@ def message_options(max_bytes: int) -> list[tuple[str, int]]:
 
 
 class Gateway:
-    """The running gRPC server of one pipeline; `address` is the bound HOST:PORT."""
+    """The running gRPC server of one pipeline; `address` is the bound HOST:PORT.
 
-    def __init__(self, pipeline, config: ServiceConfig) -> None:
-        self.pipeline, self.config = pipeline, config
+    The first (`primary`) gateway also runs the service's timers (idle jobs, watched shards, the
+    pool budget) and, with `gateways: N` in the config, starts the N - 1 others on its port.
+    """
+
+    def __init__(self, pipeline, config: ServiceConfig, primary: bool = True) -> None:
+        self.pipeline, self.config, self.primary = pipeline, config, primary
         self.address = ""
         self._server: grpc.aio.Server | None = None
         self._reaper: asyncio.Task | None = None
@@ -65,7 +69,9 @@ class Gateway:
 
     async def start(self) -> str:
         host, _ = parse_address(self.config.address)
-        options = message_options(self.config.max_message_bytes) + KEEPALIVE
+        # SO_REUSEPORT: every gateway process of a service binds its one port (actors/gateways.py).
+        # gRPC's default on Linux; stated here because the design rests on it.
+        options = message_options(self.config.max_message_bytes) + KEEPALIVE + [("grpc.so_reuseport", 1)]
         server = grpc.aio.server(interceptors=self._interceptors, options=options)
         loader_pb2_grpc.add_LoaderServicer_to_server(LoaderService(self.pipeline, self.config), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -85,12 +91,20 @@ class Gateway:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
-        self._reaper = asyncio.get_running_loop().create_task(self._release_idle_jobs())
-        if self.config.watch:
-            self._watcher = asyncio.get_running_loop().create_task(self._watch_shards())
-        if self.config.max_samples is not None:
-            self._admitting = asyncio.get_running_loop().create_task(self._admit_pool())
         self.address = f"{host}:{port}"
+        if self.primary:
+            loop = asyncio.get_running_loop()
+            self._reaper = loop.create_task(self._release_idle_jobs())
+            if self.config.watch:
+                self._watcher = loop.create_task(self._watch_shards())
+            if self.config.max_samples is not None:
+                self._admitting = loop.create_task(self._admit_pool())
+            if self.config.gateways > 1:
+                try:
+                    await self.pipeline.start_gateways(self.address, self.config.gateways - 1, self.requires_token)
+                except BaseException:
+                    await self.stop(grace_s=0)
+                    raise
         self._readying = asyncio.get_running_loop().create_task(self._serve_when_ready())
         self._log_security()
         return self.address
@@ -148,6 +162,8 @@ class Gateway:
             if task is not None:
                 task.cancel()
         self._reaper = self._watcher = self._admitting = self._readying = None
+        if self.primary and self.config.gateways > 1:
+            await self.pipeline.stop_gateways()
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace_s)

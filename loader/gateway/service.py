@@ -41,19 +41,15 @@ class LoaderService(pb_grpc.LoaderServicer):
             )
         try:
             spec = job_spec(first.hello, self.config.default_policy, self.config.selection)
-            session = TrainSession(self.pipeline, spec, first.hello)
+            session = TrainSession(spec, first.hello)
+            # A stream this rank had before, on this gateway or another, is aborted as superseded.
+            await session.open(self.pipeline)
         except Abort as abort:
             await context.abort(abort.code, abort.message)
-        except JobConflict as exc:
+        except JobConflict as exc:  # another spec under this name, or an epoch too far ahead
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except (ConfigError, ValueError) as exc:  # options that parse but that no policy accepts
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"Hello: {exc}")
-        try:
-            previous = session.job.open_stream(session.rank, session.epoch, session, self.pipeline.epochs_kept)
-        except JobConflict as exc:  # an epoch so far ahead that the curator would forget another rank's
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        if previous is not None:
-            previous.stop(Abort(grpc.StatusCode.ABORTED, f"superseded by a newer stream for job {spec.job!r} rank {session.rank}"))
         reader = asyncio.ensure_future(session.read_requests(requests))
         try:
             yield pb.TrainResponse(status=pb.Status(code=pb.Status.READY, epoch=session.epoch, policy=spec.policy))
@@ -70,14 +66,14 @@ class LoaderService(pb_grpc.LoaderServicer):
         finally:
             reader.cancel()
             session.flush_acks()
-            session.job.close_stream(session.rank, session)
+            self.pipeline.close_stream(session.job, session)
 
     async def GetStats(self, request, context):
         stats = await self.pipeline.stats(request.job)
         return pb.Stats(
             shards=[shard_info(r) for r in stats["shards"]],
             jobs=[pb.JobInfo(**{**job, "clusters": [pb.ClusterInfo(**c) for c in job["clusters"]]}) for job in stats["jobs"]],
-            trainers_connected=self.pipeline.trainers_connected,
+            trainers_connected=stats["trainers_connected"],
             reference_scored_samples=stats["reference_scored_samples"],
             reference_scoring_seconds=stats["reference_scoring_seconds"],
             scorer_devices=stats["scorer_devices"],

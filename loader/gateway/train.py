@@ -96,10 +96,10 @@ def decode_feedback(feedback: pb.Feedback) -> tuple[np.ndarray, np.ndarray]:
 
 
 class TrainSession:
-    def __init__(self, pipeline, spec: JobSpec, hello: pb.Hello) -> None:
-        self.pipeline, self.spec = pipeline, spec
+    def __init__(self, spec: JobSpec, hello: pb.Hello) -> None:
+        self.spec = spec
         self.rank, self.epoch = hello.rank, hello.epoch
-        self.job = pipeline.job(spec)
+        self.job = None  # the pipeline's JobHandle, once the stream is open (`open`)
         # This stream sends batches first_seq, first_seq + 1, ...; only those can be acknowledged.
         self.first_seq = self.next_seq = hello.next_seq
         self.credits = 0
@@ -111,6 +111,15 @@ class TrainSession:
         self.changed = asyncio.Event()
         self.abort: Abort | None = None
         self.reader_done = False
+
+    async def open(self, pipeline) -> None:
+        """Registers this stream with its job (JobConflict, ConfigError, ValueError as
+        `Pipeline.open_stream` raises them)."""
+        self.job = await pipeline.open_stream(self.spec, self)
+
+    def superseded(self, message: str) -> None:
+        """A newer stream of the same job and rank opened, on this gateway or another."""
+        self.stop(Abort(grpc.StatusCode.ABORTED, message))
 
     def stop(self, abort: Abort) -> None:
         if self.abort is None:
