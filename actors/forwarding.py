@@ -77,7 +77,8 @@ class Forwarding:
     def __init__(self, pipeline, mailbox) -> None:
         self._pipeline, self._mailbox = pipeline, mailbox
         self.gateways: list = []  # GatewayActor handles, by index
-        self._streams: dict[tuple[int, int], RemoteStream] = {}
+        # (gateway index, its key) -> (job name, the stream as the job's handle keeps it)
+        self._streams: dict[tuple[int, int], tuple[str, RemoteStream]] = {}
         self._task: asyncio.Task | None = None
         self._calls: set[asyncio.Task] = set()
 
@@ -85,6 +86,27 @@ class Forwarding:
         """Starts answering on the running event loop (once; later calls do nothing)."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    def watch(self, index: int) -> None:
+        """Closes gateway `index`'s streams once it stops or dies: a dead gateway never closes
+        them itself, and they would count as trainers and keep their jobs from going idle."""
+        task = asyncio.ensure_future(self._close_when_gone(index))
+        self._calls.add(task)
+        task.add_done_callback(self._calls.discard)
+
+    async def _close_when_gone(self, index: int) -> None:
+        try:
+            await self.gateways[index].until_stopped.remote()
+        except RayActorError:
+            log.warning("gateway process %d died; closing its trainer streams", index)
+        for gateway, key in [k for k in self._streams if k[0] == index]:
+            self._close(gateway, key)
+
+    def _close(self, gateway: int, key: int) -> None:
+        job, stream = self._streams.pop((gateway, key), (None, None))
+        handle = self._pipeline.known_job(job) if job is not None else None
+        if handle is not None:
+            self._pipeline.close_stream(handle, stream)
 
     def stop(self) -> None:
         for task in (self._task, *self._calls):
@@ -118,14 +140,11 @@ class Forwarding:
             spec, rank, epoch, gateway, key = args
             stream = RemoteStream(self.gateways[gateway], key, rank, epoch)
             handle = await pipeline.open_stream(spec, stream)
-            self._streams[gateway, key] = stream
+            self._streams[gateway, key] = (spec.job, stream)
             return handle.spec, handle.actor
         if method == "close_stream":
-            job, gateway, key = args
-            stream = self._streams.pop((gateway, key), None)
-            handle = pipeline.known_job(job)
-            if stream is not None and handle is not None:
-                pipeline.close_stream(handle, stream)
+            _, gateway, key = args
+            self._close(gateway, key)
             return None
         if method not in FORWARDED:
             raise ValueError(f"{method!r} is not a call gateways may forward")

@@ -36,6 +36,7 @@ class GatewayActor(ProcessInfo):
         # The token is read here, from the same token_file or $LOADER_TOKEN: it never travels
         # through Ray. ConfigError if it cannot be read.
         self._gateway = Gateway(self._pipeline, config, primary=False)
+        self._stopped = asyncio.Event()
 
     async def start(self, address: str, requires_token: bool) -> str:
         if self._gateway.requires_token != requires_token:
@@ -49,8 +50,13 @@ class GatewayActor(ProcessInfo):
     def superseded(self, key: int, message: str) -> None:
         self._pipeline.superseded(key, message)
 
+    async def until_stopped(self) -> None:
+        """Returns once `stop` has run; the serving process waits on it to learn of a death."""
+        await self._stopped.wait()
+
     async def stop(self) -> None:
         await self._gateway.stop()
+        self._stopped.set()
 
 
 class Gateways:
@@ -81,12 +87,15 @@ class Gateways:
         added = self._forwarding.gateways[first:]
         try:
             started = asyncio.gather(*(g.start.remote(address, requires_token) for g in added))
-            return list(await asyncio.wait_for(started, START_TIMEOUT_S))
+            addresses = list(await asyncio.wait_for(started, START_TIMEOUT_S))
         except BaseException:  # none of them serves: a half-started set would take some trainers only
             for actor in added:
                 ray.kill(actor, no_restart=True)
             del self._forwarding.gateways[first:]
             raise
+        for index in range(first, first + count):
+            self._forwarding.watch(index)
+        return addresses
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Stops the gateways (their streams end), then the forwarding task and the mailbox."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -175,3 +176,24 @@ def test_a_token_the_gateway_processes_cannot_read_stops_them_with_the_key_to_us
         start_more(service, 1)
     assert "token_file" in str(err.value) and "gateways" in str(err.value)
     assert service.pipeline.actors()["gateways"] == []  # the refused one was stopped
+
+
+def test_the_streams_of_a_gateway_process_that_died_stop_counting(serve, mnist_tar):
+    import ray
+
+    service = serve(mnist_tar["holdout"])
+    [second] = start_more(service, 1)
+    hello = pb.Hello(job="dies", rank=0, world_size=1, batch_size=8)
+    channel, call, done = open_train(second, hello, batches=1)
+    try:
+        assert next(call).status.code == pb.Status.READY  # registered with the job
+        assert stats(service.address).trainers_connected == 1
+        ray.kill(service.pipeline.actors()["gateways"][0], no_restart=True)
+        deadline = time.monotonic() + CALL_TIMEOUT_S
+        while (connected := stats(service.address).trainers_connected) != 0:
+            assert time.monotonic() < deadline, f"{connected} streams of the dead gateway still counted"
+            time.sleep(0.1)  # polling a condition, bounded by the deadline
+    finally:
+        done.set()
+        call.cancel()
+        channel.close()
