@@ -226,13 +226,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-pool-exp", type=int, help="largest pool 10^N (7; quick 6)")
     parser.add_argument("--no-sweeps", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="profile the headline setting even with --quick")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.batches = args.batches or (8 if args.quick else 20)
     args.pool = args.pool or (20_000 if args.quick else 100_000)
     args.steps = 40 if args.quick else 150
     args.forwards = 8 if args.quick else 25
-    args.no_profile = args.no_profile or args.quick
+    args.no_profile = args.no_profile or (args.quick and not args.profile)
     top = args.max_pool_exp or (6 if args.quick else 7)
     args.pool_sizes = [10**e for e in range(4, top + 1)]
 

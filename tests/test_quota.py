@@ -72,3 +72,50 @@ def test_too_large_a_quota_draws_nothing() -> None:
     assert len(buffer.draw(np.zeros(0, np.int64), rng)) == 0
     with pytest.raises(ValueError):
         buffer.add(np.array([-1]), np.array([5]))
+
+
+def _reference_draw(held: list[list[int]], quotas: np.ndarray, rng: np.random.Generator) -> list[int]:
+    """ClusterBuffer's swap-remove in plain Python: each cluster's picks are taken, and the holes
+    they leave below the new end are filled, in the order picked, by the rows of the tail that
+    were not picked, in their order."""
+    out: list[int] = []
+    for c in np.flatnonzero(quotas).tolist():
+        rows, k = held[c], int(quotas[c])
+        picks = rng.choice(len(rows), size=k, replace=False).tolist()
+        out += [rows[p] for p in picks]
+        keep = len(rows) - k
+        survivors = [rows[j] for j in range(keep, len(rows)) if j not in picks]
+        for hole, row in zip([p for p in picks if p < keep], survivors):
+            rows[hole] = row
+        del rows[keep:]
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 30), min_size=1, max_size=6),
+    rounds=st.lists(st.lists(st.floats(0, 1), min_size=6, max_size=6), min_size=1, max_size=5),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_cluster_buffer_draws_and_keeps_rows_as_the_swap_remove_model(sizes, rounds, seed) -> None:
+    feed = np.random.default_rng(seed)
+    buffer, held = ClusterBuffer(), [[] for _ in sizes]
+    clusters = np.repeat(np.arange(len(sizes)), sizes)
+    rows = feed.permutation(len(clusters))
+    buffer.add(clusters, rows)
+    for c, r in zip(clusters.tolist(), rows.tolist()):
+        held[c].append(r)
+    mine, theirs = np.random.default_rng(seed + 1), np.random.default_rng(seed + 1)
+    for i, fractions in enumerate(rounds):
+        counts = buffer.counts()
+        quotas = np.floor(np.array(fractions[: len(counts)]) * counts).astype(np.int64)
+        assert buffer.draw(quotas, mine).tolist() == _reference_draw(held, quotas, theirs)
+        # Where every row now sits decides the next draws. (Clusters never added to are unknown.)
+        counts = buffer.counts()
+        layout = [buffer._rows[c][: counts[c]].tolist() if c < len(counts) else [] for c in range(len(held))]
+        assert layout == held
+        more = feed.integers(0, len(sizes), size=int(feed.integers(0, 20)))
+        new_rows = np.arange(len(more)) + 1000 * (i + 1)
+        buffer.add(more, new_rows)
+        for c, r in zip(more.tolist(), new_rows.tolist()):
+            held[c].append(r)

@@ -23,14 +23,45 @@ __all__ = ["EmbeddingMemory", "select_diverse", "unit_rows"]
 
 def unit_rows(embeddings: npt.ArrayLike, name: str = "embeddings") -> np.ndarray:
     """float32 [n, d] rows scaled to unit length; zero rows stay zero. Rejects NaN and infinity."""
+    return _normalise(_checked_rows(embeddings, name))
+
+
+def _checked_rows(embeddings: npt.ArrayLike, name: str) -> np.ndarray:
+    """float32 [n, d], finite; not normalised yet."""
     x = np.asarray(embeddings, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"{name} must be two-dimensional [n, d], got shape {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError(f"{name} contain NaN or infinity")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    # np.divide's `out` keeps zero rows at zero instead of turning them into NaN.
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    return x
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    """Rows of finite float32 `x` scaled to unit length. Row by row: a row comes out the same
+    whatever other rows are normalised with it, so rows may be normalised a few at a time."""
+    # np.linalg.norm's own computation for real rows, without its conj() copy.
+    norms = np.sqrt(np.add.reduce(x * x, axis=1, keepdims=True))
+    zero = norms[:, 0] == 0
+    if not zero.any():
+        return x / norms
+    # Zero rows stay zero instead of turning into NaN (so does a row so small that its squares
+    # underflow: its norm is 0 too).
+    out = x / np.where(norms > 0, norms, np.float32(1))
+    out[zero] = 0
+    return out
+
+
+def _similarities(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float32 [len(a), len(b)]: a @ b.T. NumPy hands a product with one row or one column to
+    BLAS's gemv, whose rounding differs from gemm's, so a one-row side is doubled and the copy
+    dropped: the rounding of a pair then depends less on how many rows it was computed with.
+    (gemm's kernels for small products may still round a pair a step differently; that is the
+    noise benchmarks/selection_difference.py measures.)"""
+    if len(a) == 1:
+        return (np.concatenate([a, a]) @ b.T)[:1]
+    if len(b) == 1:
+        return (a @ np.concatenate([b, b]).T)[:, :1]
+    return a @ b.T
 
 
 class EmbeddingMemory:
@@ -69,6 +100,9 @@ class EmbeddingMemory:
             self._rows[: len(rows)] = rows
         self._count = len(rows)
         self._head = len(rows) % self.size  # where the next row goes; once full, also the oldest row
+        # An upper bound on the length of every row held (what `add` writes is unit length, what
+        # a state brings is measured): `_lower_bounds` sizes its rounding margin with it.
+        self._longest = max(1.0, float(np.sqrt(np.einsum("ij,ij->i", rows, rows).max()))) if len(rows) else 1.0
 
     @property
     def dim(self) -> int | None:
@@ -104,12 +138,38 @@ class EmbeddingMemory:
         -1 (the smallest cosine there is, so the identity of max) for every candidate while the
         memory is empty. Similarities may be negative; `select_diverse` does not reward that.
         """
-        x = self._prepare(candidates, "candidates")
+        return self._max_similarity_unit(self._prepare(candidates, "candidates"))
+
+    def _max_similarity_unit(self, x: np.ndarray) -> np.ndarray:
+        """`max_similarity` of rows already unit float32 of the memory's dim (`select_diverse`
+        normalised them once; normalising again could move them by a rounding step)."""
         if self._count == 0:
             return np.full(len(x), -1.0, np.float32)
         assert self._rows is not None
-        # Row order does not matter for a max, so the unfilled tail is simply left out.
-        return (x @ self._rows[: self._count].T).max(axis=1)
+        # Row order does not matter for a max, so the unfilled tail is simply left out. Memory
+        # rows first: [memory, n] and a max over axis 0 is the faster layout for BLAS and the
+        # reduction (each entry is the same dot product either way).
+        return _similarities(self._rows[: self._count], x).max(axis=0)
+
+    def _lower_bounds(self, x: np.ndarray, probes: int) -> np.ndarray | None:
+        """float32 [n]: for each unit row of `x`, a value no larger than its `_max_similarity_unit`
+        as computed (rounding included), from about `probes` of the remembered rows; None when the
+        memory holds too few rows for that to be much cheaper than the real thing.
+
+        The probes are every (count // probes)-th row of the ring: spread over every batch still
+        remembered. Their largest similarity is a similarity to the memory, so no larger than the
+        largest; the margin covers the two products rounding differently: each computes a dot
+        product of length d to within about d * 2^-24 * |x| * |row| (|x| <= 1, |row| <=
+        `_longest`), and the margin is twice the difference that allows, plus a little for the
+        subtraction's own rounding.
+        """
+        if self._count < 2 * probes:
+            return None
+        assert self._rows is not None
+        d = self._rows.shape[1]
+        probe = self._rows[: self._count : self._count // probes]
+        margin = self._longest * (2.5e-7 * d + 1e-6)
+        return _similarities(probe, x).max(axis=0) - np.float32(margin)
 
     def get_state(self) -> dict[str, np.ndarray]:
         # dim -1: not fixed yet. Plain arrays only, so that np.savez can store the state.
@@ -152,9 +212,8 @@ def select_diverse(
     (candidates left in that step) / n so that steps compare (a uniform step gives every candidate
     1/n). With lam = 0 the selector runs once on the plain scores and its own Selection is returned.
 
-    With `topk`, candidates that k others beat even after the largest penalty possible are left
-    out of the similarity products (see `_topk_contenders`); indices and probs are the same as
-    with all of them in.
+    With `topk`, only the candidates that can still make a step's chunk are compared with the
+    memory and the batch (see `_diverse_topk`); indices and probs are those of the steps above.
     """
     s = np.asarray(scores)
     if s.ndim != 1:
@@ -168,22 +227,21 @@ def select_diverse(
         raise ValueError(f"cannot choose k={k!r} of n={n} candidates")
     if lam == 0:
         return selector(s, k, beta, rng)
-    e = unit_rows(embeddings)
-    if len(e) != n:
-        raise ValueError(f"{n} scores but {len(e)} embeddings")
-    if memory is not None and memory.dim is not None and n and e.shape[1] != memory.dim:
-        raise ValueError(f"embeddings have dimension {e.shape[1]}, the memory holds {memory.dim}")
+    # Every row is checked; `_diverse_topk` normalises only the candidates that may be chosen,
+    # which gives the same rows: normalising is row by row.
+    x = _checked_rows(embeddings, "embeddings")
+    if len(x) != n:
+        raise ValueError(f"{n} scores but {len(x)} embeddings")
+    if memory is not None and memory.dim is not None and n and x.shape[1] != memory.dim:
+        raise ValueError(f"embeddings have dimension {x.shape[1]}, the memory holds {memory.dim}")
     s = s.astype(np.float64, copy=False)
+    # NaN scores: the plain loop below lets topk reject them as it does.
+    if selector is topk and k > 0 and not np.isnan(s).any():
+        return _diverse_topk(s, x, int(k), memory, float(lam), int(chunk))
 
-    # Top-k only: candidates it can never choose are left out of every product below (the memory
-    # product is most of the cost). Other selectors draw from every candidate's probability.
-    live = _topk_contenders(s, k, lam * _penalty_bound(e.shape[1], memory)) if selector is topk else None
-    where = np.arange(n) if live is None else live  # position in the candidates of each row worked on
-    if live is not None:
-        e, s = e[live], s[live]
-    m = len(s)
-    nearest = memory.max_similarity(e) if memory is not None else np.full(m, -1.0, np.float32)
-    left = np.ones(m, dtype=bool)
+    e = _normalise(x)
+    nearest = memory._max_similarity_unit(e) if memory is not None else np.full(n, -1.0, np.float32)
+    left = np.ones(n, dtype=bool)
     chosen: list[np.ndarray] = []
     probs = np.zeros(n)
     taken = 0
@@ -192,59 +250,139 @@ def select_diverse(
         step = selector(
             s[remaining] - lam * np.maximum(nearest[remaining], 0.0), min(chunk, k - taken), beta, rng
         )
-        # Candidates not chosen yet, left-out ones included.
+        # Candidates not chosen yet.
         scale = (n - taken) / n if n else 0.0
         picked = remaining[step.indices]
-        if live is None:
-            probs[picked] = step.probs[step.indices] * scale
-        else:
-            # What topk's uniform probs give every one of the n - taken candidates in this step.
-            probs[where[picked]] = (1.0 / (n - taken)) * scale
-        chosen.append(where[picked])
+        probs[picked] = step.probs[step.indices] * scale
+        chosen.append(picked)
         taken += len(picked)
         left[picked] = False
         if taken >= k:
             # Everyone not chosen keeps the probability of the last step.
-            if live is None:
-                rest = ~np.isin(remaining, picked)
-                probs[remaining[rest]] = step.probs[rest] * scale
-            else:
-                rest = np.ones(n, dtype=bool)
-                rest[np.concatenate(chosen)] = False
-                probs[rest] = (1.0 / (n - taken + len(picked))) * scale
+            rest = ~np.isin(remaining, picked)
+            probs[remaining[rest]] = step.probs[rest] * scale
             break
-        np.maximum(nearest, (e @ e[picked].T).max(axis=1), out=nearest)
+        np.maximum(nearest, _similarities(e, e[picked]).max(axis=1), out=nearest)
 
     indices = np.concatenate(chosen).astype(np.int64) if chosen else np.zeros(0, np.int64)
     total = probs.sum()
     return Selection(indices, probs / total if total > 0 else _uniform(n))
 
 
-def _penalty_bound(dim: int, memory: EmbeddingMemory | None) -> float:
-    """An upper bound on max(0, similarity) for `select_diverse`'s candidates: 1 for unit rows,
-    plus float32 rounding (about dim ulps), times the longest memory row (measured, not assumed:
-    `reset` writes rows back as they were stored)."""
-    longest = 1.0
-    if memory is not None and len(memory):
-        rows = memory._rows[: len(memory)]
-        longest = max(1.0, float(np.sqrt(np.einsum("ij,ij->i", rows, rows).max())))
-    return longest * (1.0 + 1e-3 + dim * 2.4e-7)
+# Memory rows `_diverse_topk` probes every candidate with, for a bound on its penalty.
+_PROBES = 64
+# Candidates `_diverse_topk` compares at least at a time once the first k are: one BLAS call's
+# worth (fewer would add calls, more would compare candidates no step can choose).
+_EVALUATE_BLOCK = 64
 
 
-def _topk_contenders(s: np.ndarray, k: int, max_penalty: float) -> np.ndarray | None:
-    """Positions top-k could still choose in `select_diverse`, or None to keep all.
+def _diverse_topk(
+    s: np.ndarray, x: np.ndarray, k: int, memory: EmbeddingMemory | None, lam: float, chunk: int
+) -> Selection:
+    """`select_diverse` with `topk` (k >= 1, no NaN score), comparing as few candidates as it can.
 
-    Penalties only lower scores, by at most `max_penalty`. A candidate scoring below the k-th
-    largest of (score - max_penalty) is beaten by k candidates whatever happens, so no step of
-    top-k picks it, and leaving it out changes neither the choice nor the tie order of the rest.
+    A penalty only lowers a score. So each candidate's score, lowered by the penalty a few probed
+    memory rows already give it (`EmbeddingMemory._lower_bounds`), bounds its penalised score from
+    above. Candidates are compared with the whole memory and the batch in order of that bound, a
+    block at a time, and a step takes its chunk once the chunk's lowest penalised score beats
+    the bound of every candidate not compared yet: none of them could enter the chunk or tie
+    with it. So each step chooses what topk over every candidate would, the tie order included,
+    and most candidates are never compared with the whole memory (most of the cost: at the
+    benchmark's setting about 300 of 1280 are). probs are topk's: uniform in every step.
     """
     n = len(s)
-    if k == 0 or k >= n or np.isnan(s).any():  # NaN: let topk report it as it does
-        return None
-    floor = s - max_penalty
-    kth = np.partition(floor, n - k)[n - k]
-    keep = ~(s < kth)
-    return None if keep.all() else np.flatnonzero(keep)
+    # Candidates that k others beat even after the largest penalty possible are never chosen,
+    # and are left out from the start (ties stay in).
+    floor = s - lam * _penalty_bound(x.shape[1], memory)
+    kept = np.flatnonzero(~(s < np.partition(floor, n - k)[n - k]))
+    unit = _normalise(x[kept])
+    lower = memory._lower_bounds(unit, _PROBES) if memory is not None else None
+    # Computed as the penalty is below (float32 lam * similarity): rounding is monotonic, so a
+    # smaller similarity still gives a penalty no larger.
+    upper = s[kept] if lower is None else s[kept] - lam * np.maximum(lower, 0.0)
+    # The order candidates are compared in (`kept` ascends, so ties keep position order).
+    by_bound = np.argsort(-upper, kind="stable")
+    bound = upper[by_bound]  # bound[j]: no candidate from the j-th on has a penalised score above it
+    # Candidates in comparison order; the first `compared` have been compared.
+    order, e = kept[by_bound], unit[by_bound]
+    score = s[order]
+    m = len(order)
+    nearest = np.empty(m, np.float32)  # largest similarity to the memory and the batch so far
+    open_ = np.zeros(m, bool)  # compared and not chosen
+    compared = 0
+    batch = np.empty((k, e.shape[1]), np.float32)  # unit embeddings of the chosen, in choosing order
+    chosen: list[np.ndarray] = []
+    taken = 0
+    probs = np.zeros(n)
+    while True:
+        c = min(chunk, k - taken)
+        while True:
+            live = np.flatnonzero(open_[:compared])
+            if len(live) >= c:
+                penalised = score[live] - lam * np.maximum(nearest[live], 0.0)
+                top = _top(penalised, order[live], c)
+                if compared == m or penalised[top[-1]] > bound[compared]:
+                    break
+            # The first k are always compared (at least k candidates reach the last step's
+            # lowest chosen penalised score, so the k best bounds do), then a block at a time,
+            # growing with what was compared: when the bounds are loose (equal scores) nearly
+            # every candidate is, and a few large products cost less than many small ones.
+            block = max(_EVALUATE_BLOCK, compared // 4) if compared else k
+            stop = min(m, compared + max(block, c - len(live)))
+            rows = e[compared:stop]
+            near = memory._max_similarity_unit(rows) if memory is not None else np.full(len(rows), -1.0, np.float32)
+            if taken:
+                np.maximum(near, _similarities(batch[:taken], rows).max(axis=0), out=near)
+            nearest[compared:stop], open_[compared:stop] = near, True
+            compared = stop
+        pick = live[top]
+        picked = order[pick]
+        # What topk's uniform probs give each of the n - taken candidates left in this step.
+        scale = (n - taken) / n
+        probs[picked] = (1.0 / (n - taken)) * scale
+        chosen.append(picked)
+        batch[taken : taken + c] = e[pick]
+        taken += c
+        open_[pick] = False
+        if taken >= k:
+            # Everyone not chosen keeps the probability of the last step.
+            rest = np.ones(n, dtype=bool)
+            rest[np.concatenate(chosen)] = False
+            probs[rest] = (1.0 / (n - taken + c)) * scale
+            break
+        # Only the open rows can be chosen later. [chunk, open] and a max over axis 0: a max
+        # along short rows is slow in numpy.
+        live = np.flatnonzero(open_[:compared])
+        nearest[live] = np.maximum(nearest[live], _similarities(e[pick], e[live]).max(axis=0))
+    indices = np.concatenate(chosen).astype(np.int64)
+    total = probs.sum()
+    return Selection(indices, probs / total if total > 0 else _uniform(n))
+
+
+def _top(values: np.ndarray, positions: np.ndarray, c: int) -> np.ndarray:
+    """Indices of the c largest `values` (1 <= c <= len), largest first, ties to the smaller
+    position: topk's order over the candidates at `positions`."""
+    if c < len(values):
+        # A partition instead of sorting them all. It leaves out an arbitrary few of the values
+        # equal to the c-th largest when more tie with it than fit: then those taken must be
+        # the first by position.
+        part = np.argpartition(values, len(values) - c)[len(values) - c :]
+        kth = values[part].min()
+        if np.count_nonzero(values >= kth) > c:
+            above = np.flatnonzero(values > kth)
+            tied = np.flatnonzero(values == kth)
+            part = np.concatenate([above, tied[np.argsort(positions[tied], kind="stable")[: c - len(above)]]])
+    else:
+        part = np.arange(len(values))
+    return part[np.lexsort((positions[part], -values[part]))]
+
+
+def _penalty_bound(dim: int, memory: EmbeddingMemory | None) -> float:
+    """An upper bound on max(0, similarity) for `select_diverse`'s candidates (unit rows): 1, plus
+    float32 rounding (about dim ulps), times the longest memory row (`EmbeddingMemory._longest`:
+    `reset` writes rows back as they were stored)."""
+    longest = memory._longest if memory is not None else 1.0
+    return longest * (1.0 + 1e-3 + dim * 2.4e-7)
 
 
 def _uniform(n: int) -> np.ndarray:

@@ -75,7 +75,9 @@ class ClusterBuffer:
         if len(short):
             c = int(short[0])
             raise ValueError(f"quota {int(q[c])} for cluster {c}, which holds {int(have[c])}")
-        out = [self._take(int(cluster), int(q[cluster]), rng) for cluster in np.flatnonzero(q)]
+        wanted = np.flatnonzero(q)
+        # Python ints from one tolist(): a draw visits every cluster, and numpy scalars cost.
+        out = [self._take(c, k, rng) for c, k in zip(wanted.tolist(), q[wanted].tolist())]
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     def _grow(self, n: int) -> None:
@@ -99,10 +101,12 @@ class ClusterBuffer:
         picks = rng.choice(n, size=k, replace=False)
         taken = store[picks]
         keep = n - k
-        # Holes below the new end are filled from the tail [keep, n), minus what was picked there.
-        holes = picks[picks < keep]
-        tail_picked = np.zeros(k, dtype=bool)
-        tail_picked[picks[picks >= keep] - keep] = True
-        store[holes] = store[keep + np.flatnonzero(~tail_picked)]
+        # Holes below the new end are filled, in the order drawn, from the tail [keep, n) minus
+        # what was picked there, in its order (as many rows as there are holes).
+        low = picks < keep
+        if low.any():
+            survivors = np.ones(k, dtype=bool)
+            survivors[picks[~low] - keep] = False
+            store[picks[low]] = store[keep:n][survivors]
         self._count[c] = keep
         return taken

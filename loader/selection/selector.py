@@ -138,10 +138,12 @@ class Selector:
             known = _known_learner_loss(self.pool, ids)
         if self.policy.needs_learner and learner_loss is None:
             learner_loss = fill_missing(known, 0.0)
+        # Looked up once: the reward reads it for every candidate, the served counts for the kept.
+        clusters = self.pool.cluster_of(ids) if self.clusters is not None or self.reward is not None else None
         if self.reward is not None:
             # Every candidate is evidence for its cluster's reward, survivor or not.
             reference = ref_loss if ref_loss is not None else self._irreducible(ids)
-            self.reward.observe_candidates(self.pool.cluster_of(ids), known, reference)
+            self.reward.observe_candidates(clusters, known, reference)
         k = keep_count(len(ids), self.super_batch, self.batch_size)
         embeddings = self.pool.embedding(ids) if self.memory is not None else None
         picks, weights = self.policy.select(
@@ -155,7 +157,7 @@ class Selector:
         if self.memory is not None:
             self.memory.add(embeddings[picks])
         if self.clusters is not None:
-            served = np.bincount(self.pool.cluster_of(kept), minlength=self.clusters.num_clusters)
+            served = np.bincount(clusters[picks], minlength=self.clusters.num_clusters)
             self.served_per_cluster = _add_padded(self.served_per_cluster, served)
         self.seconds += time.perf_counter() - started
         self.selections += 1
