@@ -34,13 +34,39 @@ from loader.gateway.server import BackgroundGateway
 from throughput import CURATED, HERE, kinds, write_shards
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, tid: str | None = None) -> float:
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(f"/proc/{pid}/task/{tid}/stat" if tid else f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:  # the process is gone
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_seconds(pid: int) -> collections.Counter:
+    """CPU seconds of each of the process's threads, summed by thread name (for this process,
+    Python threads by their Python name, digits dropped: asyncio_0 and asyncio_1 as asyncio_)."""
+    import threading
+
+    python = {str(t.native_id): t.name.rstrip("0123456789") for t in threading.enumerate()} if pid == os.getpid() else {}
+    out = collections.Counter()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = python.get(tid) or f.read().strip()
+        except OSError:
+            continue
+        out[name] += cpu_seconds(pid, tid)
+        out[name + " faults"] += minor_faults(pid, tid)
+    return out
+
+
+def minor_faults(pid: int, tid: str) -> int:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7])
+    except OSError:
+        return 0
 
 
 def hottest(path: str, count: int = 12) -> list[tuple[float, str]]:
@@ -87,12 +113,15 @@ def main() -> None:
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                          for name, pid in processes.items()]  # fmt: skip
             before = {name: cpu_seconds(pid) for name, pid in processes.items()}
+            threads_before = thread_seconds(os.getpid())
             started = time.perf_counter()
             load = os.getloadavg()[0]
             done = subprocess.run([*consumer, json.dumps({**spec, "epochs": args.epochs, "first_epoch": 1})],
                                   check=True, capture_output=True, text=True)  # fmt: skip
             wall = time.perf_counter() - started
             spent = {name: cpu_seconds(pid) - before[name] for name, pid in processes.items()}
+            threads = thread_seconds(os.getpid())
+            threads.subtract(threads_before)
             for spy in spies:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(timeout=60)
@@ -109,10 +138,15 @@ def main() -> None:
     trainer = sum(e["cpu_seconds"] for e in epochs) / batches * 1e3
     report = {"sample": args.sample, "policy": args.policy, "service": service, "batches": batches,
               "samples_per_s": samples / seconds, "wall_s": wall, "load_1min": load, "cpu_ms_per_batch": per_batch,
-              "service_cpu_ms_per_batch": sum(per_batch.values()), "trainer_cpu_ms_per_batch": trainer}  # fmt: skip
+              "service_cpu_ms_per_batch": sum(per_batch.values()), "trainer_cpu_ms_per_batch": trainer,
+              "gateway_threads_ms_per_batch": {n: v / batches * 1e3 for n, v in threads.items() if not n.endswith(" faults")},
+              "gateway_threads_faults_per_batch": {n[:-7]: v / batches for n, v in threads.items() if n.endswith(" faults")}}  # fmt: skip
     print(f"{args.sample} {args.policy} {service}: {batches} batches, {samples / seconds:,.0f} samples/s, load {load:.1f}")
     for name, ms in sorted(per_batch.items(), key=lambda kv: -kv[1]):
         print(f"  {name:24s} {ms:7.2f} ms CPU per batch")
+    for name, seconds_ in sorted(((n, v) for n, v in threads.items() if not n.endswith(" faults")), key=lambda nv: -nv[1])[:6]:
+        faults = threads[name + " faults"] / batches
+        print(f"    gateway thread {name:15s} {seconds_ / batches * 1e3:7.2f} ms CPU per batch, {faults:6.0f} page faults")
     print(f"  {'service total':24s} {report['service_cpu_ms_per_batch']:7.2f} ms CPU per batch")
     print(f"  {'trainer process':24s} {trainer:7.2f} ms CPU per batch (RemoteLoader: receive, decode, acks)")
     if args.py_spy:

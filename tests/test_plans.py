@@ -36,8 +36,20 @@ def every_column_type(index: int) -> pa.Table:
     })  # fmt: skip
 
 
+@pytest.fixture(params=["as set", "every row big"])
+def row_sizes(request, monkeypatch):
+    """The gather's paths for big tensor rows (copied run by run, and not copied at all for a
+    payload's parts: `loader.gather.Deferred`) taken by every tensor column of the tables here."""
+    import loader.gather
+
+    if request.param == "every row big":
+        monkeypatch.setattr(loader.gather, "RUN_ROW_BYTES", 1)
+        monkeypatch.setattr(loader.gather, "DEFER_ROW_BYTES", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("shuffle_rows", [0, 16])
-def test_a_gathered_plan_is_byte_identical_to_the_curators_own_encoding(shuffle_rows) -> None:
+def test_a_gathered_plan_is_byte_identical_to_the_curators_own_encoding(shuffle_rows, row_sizes) -> None:
     spec = JobSpec(job="j", batch_size=5, world_size=1, policy="uniform", seed=3)
     curator = Curator(spec, CuratorSettings(shuffle_rows=shuffle_rows, ready_batches=4))
     shards = {i: every_column_type(i) for i in range(3)}
@@ -86,7 +98,7 @@ def test_a_plan_without_a_schema_takes_its_first_shards() -> None:
     assert table.schema.names[:-1] == shards[0].schema.names and table.column(codec.WEIGHT).to_pylist() == [0.5] * 5
 
 
-def test_rows_that_alternate_between_shards_gather_the_same_as_row_by_row() -> None:
+def test_rows_that_alternate_between_shards_gather_the_same_as_row_by_row(row_sizes) -> None:
     """A batch drawn from a merged buffer table interleaves shards: gathered shard by shard and
     put back in order, it must equal the run-by-run gather."""
     from loader.gather import gather_rows, groups_by_id

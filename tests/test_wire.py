@@ -32,3 +32,12 @@ def test_serializer_passes_framed_bytes_and_serializes_messages() -> None:
     assert serialize_train_response(status) == status.SerializeToString()
     framed = batch_response(0, 1, 0, b"")
     assert serialize_train_response(framed) is framed
+
+
+def test_a_payload_in_parts_frames_as_its_concatenation() -> None:
+    rng = np.random.default_rng(0)
+    parts = [b"head", pa.py_buffer(rng.bytes(300)), rng.integers(0, 256, (2, 100), dtype=np.uint8), b""]
+    joined = b"".join(parts)
+    assert batch_response(1, 2, 3, parts) == batch_response(1, 2, 3, pa.py_buffer(joined))
+    assert pb.TrainResponse.FromString(batch_response(1, 2, 3, parts)).batch.arrow_ipc == joined
+    assert pb.TrainResponse.FromString(batch_response(1, 2, 3, [])).batch.arrow_ipc == b""

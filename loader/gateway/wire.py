@@ -33,13 +33,23 @@ def _key(field: int) -> bytes:
     return _varint(field << 3 | _LENGTH_DELIMITED)
 
 
+_INNER_KEY, _OUTER_KEY = _key(_PAYLOAD_FIELD), _key(_BATCH_FIELD)
+
+
 def batch_response(epoch: int, seq: int, rows: int, payload) -> bytes:
-    """The serialized `TrainResponse` of one batch; `payload` is any buffer (bytes, pa.Buffer)."""
+    """The serialized `TrainResponse` of one batch; `payload` is any buffer (bytes, pa.Buffer) or
+    a list of buffers it is the concatenation of (`loader.codec.encode_parts`): then this join
+    is the payload's only copy, where encoding it into one buffer first would copy it twice."""
     head = pb.TrainResponse(batch=pb.Batch(epoch=epoch, seq=seq, rows=rows)).SerializeToString()
-    size = memoryview(payload).nbytes
-    inner = _key(_PAYLOAD_FIELD) + _varint(size)
-    outer = _key(_BATCH_FIELD) + _varint(len(inner) + size)
-    return b"".join((head, outer, inner, payload))
+    if isinstance(payload, list):
+        size = sum(memoryview(part).nbytes for part in payload)
+        parts = payload
+    else:
+        size = memoryview(payload).nbytes
+        parts = [payload]
+    inner = _INNER_KEY + _varint(size)
+    outer = _OUTER_KEY + _varint(len(inner) + size)
+    return b"".join([head, outer, inner, *parts])
 
 
 def serialize_train_response(response) -> bytes:
