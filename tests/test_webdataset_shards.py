@@ -4,6 +4,9 @@ naming) read into the columns a batch carries, with this project's strict checks
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -11,12 +14,16 @@ import pyarrow as pa
 import pytest
 import torch
 import webdataset as wds
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
+from webdataset import tariterators
 
 from loader import codec
 from loader.errors import ShardError
 from loader.sources import expand, read_shard
 from loader.sources.images import decode_image
+from loader.sources.webdataset import _grouped, key_and_suffix
 from loader.sources.writers import write_tar
 from loader.tensors import to_numpy
 from tests.helpers import raw_tar
@@ -159,3 +166,45 @@ def test_codec_keeps_image_bytes_identical(tmp_path) -> None:
     table = read_shard(path)
     back = codec.to_numpy(codec.decode(codec.encode(table)))
     assert back["png"].tobytes() == pixels.tobytes()
+
+
+# Member names from the characters that matter to the split: dots, slashes, a newline.
+_names = st.text(alphabet="ab./\n", max_size=9)
+
+
+@given(_names)
+@settings(max_examples=400, deadline=None)
+def test_member_names_split_as_webdataset_splits_them(name) -> None:
+    assert key_and_suffix(name) == tariterators.base_plus_ext(name)
+
+
+@given(st.lists(st.sampled_from(["a.x", "a.y", "a.X", "b.x", "b/c.x", "a.b.c", "c.x.npy"]), max_size=8))
+@settings(max_examples=300, deadline=None)
+def test_members_group_into_samples_as_webdataset_groups_them(names) -> None:
+    members = [(name, name.encode()) for name in names]
+    try:
+        theirs = [
+            (g["__key__"], {k: v for k, v in g.items() if not k.startswith("__")})
+            for g in tariterators.group_by_keys(({"fname": n, "data": d, "__url__": "u"} for n, d in members), lcase=False)
+        ]
+    except ValueError:  # a suffix twice in one sample: theirs stops, ours names the member
+        with pytest.raises(ShardError, match="appears twice in its sample"):
+            list(_grouped("u", iter(members)))
+        return
+    assert list(_grouped("u", iter(members))) == theirs
+
+
+def test_reading_a_tar_shard_does_not_import_torch(tmp_path) -> None:
+    # Every reader, curator and gateway process reads tar shards; torch would cost each of them
+    # ~190 MB and over a second to import (docs/decisions.md, "WebDataset shards").
+    path = str(tmp_path / "s.tar")
+    write_tar(path, [{"x": np.zeros(3, np.float32), "y": i} for i in range(2)])
+    code = (
+        "import sys; from loader.sources import read_shard; import actors.reader, actors.gather; "
+        f"assert read_shard({path!r}).num_rows == 2; "
+        "print(sorted(m for m in ('torch', 'webdataset') if m in sys.modules))"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -1,21 +1,24 @@
 """Read a WebDataset tar shard into one Arrow table, one row per sample in file order.
 
-Members are named and grouped into samples by the `webdataset` package (`base_plus_ext`,
-`group_by_keys`), so a shard groups here exactly as `webdataset.WebDataset` groups it. The tar
-itself is walked with `tarfile` in random-access mode rather than the package's streaming
-iterator: that walk is what lets the end-of-archive marker be checked, and it measured faster for
-large members (benchmarks/tar_read.py; docs/decisions.md, "WebDataset shards").
+Members are named and grouped into samples by webdataset's rule: a member's key is its path up
+to the first dot of its base name, and consecutive members with one key are one sample, so a shard
+groups here exactly as `webdataset.WebDataset` groups it (tests/test_webdataset_shards.py compares
+the two). The rule is written here rather than imported: importing `webdataset` imports torch,
++190 MB and over a second in every process that reads a tar shard (docs/decisions.md, "WebDataset
+shards"). The tar is walked with `tarfile` in random-access mode rather than the package's
+streaming iterator: that walk is what lets the end-of-archive marker be checked, and it measured
+faster for large members (benchmarks/tar_read.py).
 """
 
 from __future__ import annotations
 
+import re
 import tarfile
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from webdataset import tariterators
 
 from loader.errors import ShardError
 from loader.sources.decoders import ARRAY_EXTENSIONS, decode
@@ -24,65 +27,66 @@ from loader.tensors import to_arrow
 # A sample: key, then column name -> (extension, decoded value), in member order.
 _Sample = tuple[str, dict[str, tuple[str, Any]]]
 
+# `dir/KEY.SUFFIX`, split as webdataset splits it, odd names included (`a/.b` is key `a/`):
+# tests/test_webdataset_shards.py compares the two on generated names.
+_MEMBER = re.compile(r"((?:.*/)?[^.]+)\.([^/]*)")
+
+
+def key_and_suffix(name: str) -> tuple[str, str] | tuple[None, None]:
+    """`dir/KEY.NAME.EXT` -> (`dir/KEY`, `NAME.EXT`): the key ends at the first dot of the base
+    name, as webdataset's `base_plus_ext` splits it; (None, None) when the base name has none."""
+    match = _MEMBER.fullmatch(name)
+    return (match[1], match[2]) if match else (None, None)
+
 
 def split_member(name: str) -> tuple[str, str, str] | None:
     """`dir/KEY.NAME.EXT` -> (`dir/KEY`, `NAME`, `EXT`), keys as webdataset forms them; a member
     named only `KEY.EXT` is column `EXT`. None when the basename has no dot."""
-    key, suffix = tariterators.base_plus_ext(name)
+    key, suffix = key_and_suffix(name)
     if key is None or not suffix or suffix.endswith("."):
         return None
     column, _, ext = suffix.rpartition(".")
     return key, column or ext, ext
 
 
-class _Members:
-    """The regular files of an open tar, as the `{fname, data}` dicts webdataset groups; remembers
-    the last one handed out, which is the member a grouping error is about."""
-
-    def __init__(self, path: str, tar: tarfile.TarFile) -> None:
-        self.path, self.tar, self.last = path, tar, ""
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for info in self.tar:
-            if not info.isfile():
-                continue
-            member = self.tar.extractfile(info)
+def _members(tar: tarfile.TarFile) -> Iterator[tuple[str, bytes]]:
+    """The regular files of an open tar, in order, as (name, bytes)."""
+    for info in tar:
+        if info.isfile():
+            member = tar.extractfile(info)
             assert member is not None  # regular files always have a payload
-            self.last = info.name
-            yield {"fname": info.name, "data": member.read(), "__url__": self.path}
+            yield info.name, member.read()
 
 
-def _strict_key(path: str):
-    def keys(name: str) -> tuple[str, str]:
-        key, suffix = tariterators.base_plus_ext(name)
-        if key is None or not suffix or suffix.endswith("."):
-            # webdataset skips such members silently; here they mean a shard written wrongly.
+def _grouped(path: str, members: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, suffix -> bytes) for each run of consecutive members with one key, as webdataset
+    groups them; a member that cannot be named or repeats a suffix in its sample is a ShardError
+    (webdataset skips the one silently and stops at the other)."""
+    key, group = None, {}
+    for name, data in members:
+        this, suffix = key_and_suffix(name)
+        if this is None or not suffix or suffix.endswith("."):
             raise ShardError(path, f"member {name!r} is not named KEY.NAME.EXT")
-        return key, suffix
-
-    return keys
+        if this != key:
+            if group:
+                yield key, group
+            key, group = this, {}
+        if suffix in group:  # compared as written: column names keep their case
+            raise ShardError(path, f"member {name!r} appears twice in its sample")
+        group[suffix] = data
+    if group:
+        yield key, group
 
 
 def _samples(path: str) -> list[_Sample]:
     samples: list[_Sample] = []
     with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r:") as tar:
-        members = _Members(path, tar)
-        # lcase=False: column names keep their case; only extensions are compared lowercased.
-        grouped = tariterators.group_by_keys(iter(members), keys=_strict_key(path), lcase=False)
-        try:
-            for group in grouped:
-                key = group["__key__"]
-                fields: dict[str, tuple[str, Any]] = {}
-                for suffix, data in group.items():
-                    if suffix.startswith("__") and suffix.endswith("__"):
-                        continue  # the grouping's own entries (__key__, __url__)
-                    column, _, ext = suffix.rpartition(".")
-                    fields[column or ext] = (ext.lower(), decode(ext, data, uri=path, member=f"{key}.{suffix}"))
-                samples.append((key, fields))
-        except ValueError as exc:
-            if "duplicate file name" not in str(exc):
-                raise
-            raise ShardError(path, f"member {members.last!r} appears twice in its sample") from None
+        for key, group in _grouped(path, _members(tar)):
+            fields: dict[str, tuple[str, Any]] = {}
+            for suffix, data in group.items():
+                column, _, ext = suffix.rpartition(".")
+                fields[column or ext] = (ext.lower(), decode(ext, data, uri=path, member=f"{key}.{suffix}"))
+            samples.append((key, fields))
         # tarfile stops silently at a missing or damaged header after the first one, so a
         # shard cut at a member boundary would otherwise read as a shorter, valid shard.
         raw.seek(tar.offset)
