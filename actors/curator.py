@@ -65,6 +65,8 @@ class CuratorActor(ProcessInfo):
         # epoch) needs no registry call, which was an awaited round trip per read and, under
         # `loss` with keep_ratio 0.2, a tenth of the service's CPU per batch.
         self._recorded: dict[int, int] = {}
+        # Shard index -> the file's identity when the curator last took its rows (`_read`).
+        self._identities: dict[int, tuple | None] = {}
 
     def _condition(self) -> asyncio.Condition:
         if self._changed is None:
@@ -213,14 +215,24 @@ class CuratorActor(ProcessInfo):
     async def _read(self, uri: str, index: int) -> tuple[ReadResult, tuple | None]:
         """Reads a shard and, when the policy needs them and the pool lacks them, its reference
         scores. The reader hands out a reference to the decoded shard in the object store (put
-        there once while the reader caches it); the scorer gets that reference, not a copy."""
+        there once while the reader caches it); the scorer gets that reference, not a copy.
+        A result without table or error: the file is unchanged since the curator last took its
+        rows, which it holds (`Curator.add_again`)."""
+        core = self._core
+        # Only the reader can tell the file's identity: remote shards are known by their copy in
+        # the reader's read cache. Scores still wanted need the table.
+        again = core.holds_rows(index) and not (core.needs_scores and not core.pool.has_scores(index))
+        known = self._identities.get(index) if again else None
         # A reader that dies mid-read is restarted by Ray; the shard goes to the next reader. The
         # objects a reader owns die with it: a shard lost so is read again the same way.
         for attempt in range(READ_ATTEMPTS):
             try:
-                shard = await shard_reader(self._readers, index, attempt).read.remote(uri, index)
+                shard = await shard_reader(self._readers, index, attempt).read.remote(uri, index, known)
                 if shard.error:
                     return ReadResult(index, uri, error=shard.error), None
+                if shard.unchanged:
+                    return ReadResult(index, uri), None
+                self._identities[index] = shard.identity
                 result = await shard.ref  # zero-copy from the object store on this node
                 scores = None
                 if self._core.schema is not None:
@@ -341,10 +353,18 @@ class CuratorActor(ProcessInfo):
             await self._notify()
 
     async def _accept(self, epoch: int, result: ReadResult, scores: tuple | None) -> None:
-        reason = result.error or self._core.add_shard(epoch, result.index, result.table, scores)
-        if not reason:
+        if result.table is None and not result.error:  # unchanged (see `_read`)
+            rows = self._core.rows_held(result.index)
+            reason = self._core.add_again(epoch, result.index)
+        else:
+            rows = 0 if result.table is None else result.table.num_rows
+            reason = result.error or self._core.add_shard(epoch, result.index, result.table, scores)
+        if reason:
+            self._core.forget_rows(result.index)
+            self._identities.pop(result.index, None)
+        else:
             self._uris[result.index] = result.uri
-            if self._recorded.get(result.index) == result.table.num_rows:
+            if self._recorded.get(result.index) == rows:
                 return  # the registry has it so already
         # Awaited, so that once a trainer hears the epoch ended, GetStats shows every quarantine;
         # a registry that died meanwhile is restarted by Ray and told again.
@@ -354,8 +374,8 @@ class CuratorActor(ProcessInfo):
                     await self._registry.quarantine.remote(result.index, reason)
                     self._recorded.pop(result.index, None)
                 else:
-                    await self._registry.mark_read.remote(result.index, result.table.num_rows)
-                    self._recorded[result.index] = result.table.num_rows
+                    await self._registry.mark_read.remote(result.index, rows)
+                    self._recorded[result.index] = rows
                 return
             except RayActorError as exc:
                 log.warning("the registry died recording shard %s (%s); retrying", result.uri, exc)

@@ -3,6 +3,11 @@
 A decoded shard goes into Ray's object store once (`ray.put`) and the reader's cache keeps the
 reference: every later read of it hands out that reference, so serving a cached shard costs no
 copy. The reader owns those objects; if it dies they are lost and its callers read again.
+
+A caller that already holds what it needs of a shard (the curator keeps the ids) names the
+shard's identity it read: while the file still has that identity, the answer carries no
+reference. Handing one out is what a read of a cached shard mostly cost (Ray's borrowing of a
+nested reference): 1.5 ms of the reader's CPU and 2.2 ms of the caller's, against 0.6 for a call.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ class ShardRef:
     uri: str
     ref: ray.ObjectRef | None = None
     error: str = ""
+    # The file's identity when it was read (`ShardCache.identity`); None when it cannot be told.
+    identity: tuple | None = None
+    # True: the file still has the identity the caller named, and `ref` is left out.
+    unchanged: bool = False
 
 
 # Its calls are pure, so Ray may repeat one cut off by a crash on the restarted actor; a shard that
@@ -37,13 +46,20 @@ class ShardReaderActor(ProcessInfo):
         self._cache: ShardCache[ShardRef] = ShardCache(cache_bytes)
         remote_settings.configure(remote)  # this process reads only for this service
 
-    def read(self, uri: str, index: int) -> ShardRef:
+    def read(self, uri: str, index: int, known: tuple | None = None) -> ShardRef:
+        """The decoded shard; with `known`, the identity the caller read it at, an answer without
+        the reference while the file has that identity still. Either way the shard is cached
+        after, if the cache can hold it, for the gateway gathering its rows next."""
         shard = self._cache.get(uri, index)
         if shard is None:
             before = self._cache.identity(uri, index)
             result = read_with_ids(uri, index)
             if result.table is None:
                 return ShardRef(index, uri, error=result.error)
-            shard = ShardRef(index, uri, ray.put(result))
+            # A file rewritten while it was read has no identity that tells what was decoded.
+            identity = before if self._cache.identity(uri, index) == before else None
+            shard = ShardRef(index, uri, ray.put(result), identity=identity)
             self._cache.put(uri, index, shard, result.table.nbytes, before)
+        if known is not None and shard.identity == known:
+            return ShardRef(index, uri, identity=known, unchanged=True)
         return shard

@@ -64,6 +64,8 @@ class Curator:
         self.selector = Selector(spec.policy, spec.options, spec.batch_size, spec.seed)
         self.schema: pa.Schema | None = None
         self.epochs: dict[int, EpochRun] = {}
+        # Shard index -> what the buffers hold of its rows, kept for the next epochs (see `kept_rows`).
+        self._kept: dict[int, pa.Table] = {}
         # Sample ids the pool budget pruned (sorted): never served from the moment they are known.
         self.pruned = np.zeros(0, np.int64)
         self.batches_served = 0
@@ -163,12 +165,48 @@ class Curator:
         reason = self.selector.add_shard(index, table.num_rows, scores)
         if reason:
             return reason
+        table = self._kept_rows(index, table)
+        self._add_rows(epoch, table)
+        return ""
+
+    def _kept_rows(self, index: int, table: pa.Table) -> pa.Table:
+        """What an epoch's buffer holds of a shard's rows. In snapshot mode the whole table: the
+        scorer's forward pass takes the candidates' inputs. Otherwise the ids alone, copied (a
+        plan names ids; the gateway gathers the rows): the curator then pins none of a shard's
+        object-store memory, and keeps the ids for the next epochs, which add them again without
+        reading the shard (`add_again`) while the file is unchanged."""
+        if self.needs_snapshot:
+            return table
+        ids = pa.table({codec.ID: pa.array(np.array(table.column(codec.ID).to_numpy(), np.int64))})
+        self._kept[index] = ids
+        return ids
+
+    def holds_rows(self, index: int) -> bool:
+        """Whether `add_again` can add the shard's rows without its table."""
+        return index in self._kept
+
+    def rows_held(self, index: int) -> int:
+        return self._kept[index].num_rows
+
+    def add_again(self, epoch: int, index: int) -> str:
+        """Adds the rows of a shard whose file is unchanged since `add_shard` took it, as that did."""
+        table = self._kept[index]
+        reason = self.selector.add_shard(index, table.num_rows, None)
+        if reason:
+            return reason
+        self._add_rows(epoch, table)
+        return ""
+
+    def forget_rows(self, index: int) -> None:
+        """The shard is quarantined or changed: its rows are read anew, if ever."""
+        self._kept.pop(index, None)
+
+    def _add_rows(self, epoch: int, table: pa.Table) -> None:
         run = self.epochs[epoch]
         for leave_out in (run.skip, run.recent, self.pruned):
             if leave_out is not None and len(leave_out):
                 table = table.filter(pa.array(~np.isin(table.column(codec.ID).to_numpy(), leave_out)))
         run.assembler.add(table)
-        return ""
 
     def finish_reading(self, epoch: int) -> None:
         self.epochs[epoch].assembler.finish()
@@ -252,7 +290,7 @@ class Curator:
         if self.journal is not None:
             self.journal(epoch, candidates.ids, chosen.kept, chosen.weights)
         # A plan, not a payload: the gateway gathers the rows from the shards (loader.job.plan).
-        plan = BatchPlan(chosen.kept, chosen.weights, candidates.schema)
+        plan = BatchPlan(chosen.kept, chosen.weights, self.schema)  # the pool's columns, not the buffer's
         run.ledger.append(chosen.kept, chosen.weights, plan, snapshot_step)
         self.samples_considered += len(candidates.ids)
 

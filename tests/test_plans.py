@@ -58,9 +58,13 @@ def test_a_gathered_plan_is_byte_identical_to_the_curators_own_encoding(shuffle_
     for index, table in shards.items():
         assert curator.add_shard(0, index, table) == ""
     curator.finish_reading(0)
+    pool = pa.concat_tables(shards.values())
+    position = {int(i): n for n, i in enumerate(pool.column(codec.ID).to_numpy())}
     while (candidates := curator.draw(0)) is not None:
-        # What the curator encoded before plans: the drawn rows (uniform keeps them all), weight 1.
-        before = codec.encode(candidates.take().append_column(codec.WEIGHT, pa.array(np.ones(candidates.num_rows, np.float32))))
+        # What the curator encoded before plans: the drawn rows (uniform keeps them all), weight 1,
+        # here taken by Arrow from all shards at once.
+        rows = pool.take(pa.array([position[int(i)] for i in candidates.ids])).combine_chunks()
+        before = codec.encode(rows.append_column(codec.WEIGHT, pa.array(np.ones(candidates.num_rows, np.float32))))
         curator.select(0, candidates)
         plan = curator.epochs[0].ledger.lookup(0, checked).payload
         assert isinstance(plan, BatchPlan) and plan.rows == candidates.num_rows
