@@ -20,6 +20,7 @@ from loader.curator import (
 from loader.gather import encode_plan
 from loader.ids import make_ids, row_of, shard_of
 from loader.registry import ShardRecord
+from loader.selection.options import SelectionOptions
 
 SPEC = JobSpec(job="j", batch_size=4, world_size=2, policy="uniform", seed=1)
 # No shuffle reserve beyond world_size * batch_size = 8 rows: a batch leaves once 12 rows wait.
@@ -279,3 +280,50 @@ def test_served_counts_batches_and_samples() -> None:
     curator.served(3)
     stats = curator.stats()
     assert (stats["batches_served"], stats["samples_served"]) == (2, 7)
+
+
+def _epoch_ids(curator: Curator, epoch: int) -> list[np.ndarray]:
+    """Every batch plan's ids of an epoch whose reading is finished, rank by rank in turn."""
+    batches, seq = [], 0
+    while True:
+        results = [curator.lookup(rank, epoch, seq) for rank in range(SPEC.world_size)]
+        if any(isinstance(r, EndOfEpoch) for r in results):
+            return batches
+        for result in results:
+            assert isinstance(result, Ready), result
+            assert result.payload.schema.equals(curator.schema)  # the pool's columns, not the buffer's
+            batches.append(result.payload.ids)
+        seq += 1
+
+
+def test_outside_snapshot_mode_buffers_hold_ids_and_an_unchanged_shard_is_added_again() -> None:
+    curator = curator_with([10, 7, 9], finish=True)
+    first = _epoch_ids(curator, 0)
+    assert all(curator.holds_rows(i) for i in range(3)) and curator.rows_held(1) == 7
+    order = curator.start_epoch(1, records(3))
+    for record in order:  # the files unchanged: no table needed
+        assert curator.add_again(1, record.index) == ""
+    curator.finish_reading(1)
+    second = _epoch_ids(curator, 1)
+    assert sorted(np.concatenate(first)) == sorted(np.concatenate(second)) == sorted(
+        np.concatenate([make_ids(i, n) for i, n in enumerate([10, 7, 9])])
+    )
+    assert [list(b) for b in first] != [list(b) for b in second]  # a new epoch's order
+    # What the buffers hold is the ids alone, copied out of the shard's memory.
+    kept = curator._kept[0]
+    assert kept.column_names == [codec.ID]
+    curator.forget_rows(0)
+    assert not curator.holds_rows(0)
+
+
+def test_snapshot_mode_buffers_hold_whole_tables() -> None:
+    options = SelectionOptions(learner_loss="snapshot", learner="loader.models:mlp")
+    spec = JobSpec(job="s", batch_size=4, world_size=1, policy="loss", seed=1, options=options)
+    curator = Curator(spec, SETTINGS)
+    assert curator.needs_snapshot
+    curator.start_epoch(0, records(1))
+    assert curator.add_shard(0, 0, shard(0, 10)) == ""
+    assert not curator.holds_rows(0)
+    curator.finish_reading(0)
+    candidates = curator.draw(0)
+    assert candidates is not None and "x" in candidates.take().column_names  # the scorer's inputs

@@ -91,6 +91,32 @@ def test_reader_puts_a_shard_in_the_object_store_once_and_hands_out_its_referenc
             ray.kill(actor)
 
 
+def test_a_reader_answers_unchanged_without_a_reference_only_while_the_file_is(ray_session, tmp_path):
+    import ray
+
+    from actors.reader import ShardReaderActor
+
+    path = shard(tmp_path, "a", 10)
+    # The second caches nothing: it decodes again to answer, and still tells the identity.
+    reader, uncached = ShardReaderActor.remote(1 << 20), ShardReaderActor.remote(0)
+    try:
+        for actor in (reader, uncached):
+            first = ray.get(actor.read.remote(path, 3), timeout=RAY_TIMEOUT_S)
+            assert first.ref is not None and first.identity == ShardCache.identity(path, 3) and not first.unchanged
+            same = ray.get(actor.read.remote(path, 3, first.identity), timeout=RAY_TIMEOUT_S)
+            assert same.unchanged and same.ref is None and same.identity == first.identity and not same.error
+        stale = ray.get(reader.read.remote(path, 3), timeout=RAY_TIMEOUT_S).identity
+        write_parquet(path, {"x": np.ones((12, 4), np.float32)})  # rewritten: another size and mtime
+        changed = ray.get(reader.read.remote(path, 3, stale), timeout=RAY_TIMEOUT_S)
+        assert not changed.unchanged and changed.ref is not None and changed.identity != stale
+        assert ray.get(changed.ref, timeout=RAY_TIMEOUT_S).table.num_rows == 12
+        gone = ray.get(reader.read.remote(str(tmp_path / "missing.parquet"), 4, stale), timeout=RAY_TIMEOUT_S)
+        assert gone.error and not gone.unchanged
+    finally:
+        for actor in (reader, uncached):
+            ray.kill(actor)
+
+
 def test_a_shard_dies_with_its_reader_and_the_restarted_reader_puts_it_again(ray_session, tmp_path):
     """The contract the curator's retry rests on: awaiting a dead reader's object raises an
     ObjectLostError (OwnerDiedError), and the restarted reader, its cache empty, reads afresh."""
