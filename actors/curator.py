@@ -27,6 +27,9 @@ from loader.curator import Curator, CuratorSettings, JobSpec, Lookup, Materializ
 from loader.job.ledger import NO_SNAPSHOT
 from loader.reader import ReadResult
 from loader.registry import OK
+from loader.shard_cache import ShardCache
+from loader.sources.pipe import is_pipe
+from loader.sources.remote import is_remote
 from loader.sources.schema import mismatch_reason
 from loader.state_store import StateStore, job_folder
 
@@ -55,6 +58,12 @@ class CuratorActor(ProcessInfo):
         self._learner_scorer = learner_scorer(scorers, spec.job) if scorers else None
         self._feeders: dict[int, asyncio.Task] = {}
         self._choosers: dict[int, asyncio.Task] = {}
+        # Epochs started before any rank asked for them (`_start_next_early`) -> the shards they
+        # read, (index, URI) in registry order, or None until known; `_claim` decides on them.
+        self._early: dict[int, list[tuple[int, str]] | None] = {}
+        self._claims: dict[int, asyncio.Task] = {}
+        self._read_early: dict[int, list[tuple[int, str]]] = {}  # (index, URI) of shards they read
+        self._read_done: set[int] = set()
         self._changed: asyncio.Condition | None = None
         # Stream jobs: how many times shards were added to the pool (the pass in progress takes
         # them in when this moves).
@@ -82,11 +91,16 @@ class CuratorActor(ProcessInfo):
         carries the rank's newest acknowledgement of `epoch`, saving the gateway an `ack` call."""
         if acked >= 0:
             self._core.ack(rank, epoch, acked)
+        if epoch in self._early or epoch in self._claims:
+            if epoch not in self._claims:  # the first request of an epoch started early
+                self._claims[epoch] = asyncio.get_running_loop().create_task(self._claim(epoch))
+            await self._claims[epoch]
         feeder = self._feeders.get(epoch)
         if feeder is None:
-            feeder = self._feeders[epoch] = asyncio.get_running_loop().create_task(self._feed(epoch))
-            if self._core.needs_snapshot:
-                self._choosers[epoch] = asyncio.get_running_loop().create_task(self._choose(epoch))
+            feeder = self._start_feeding(epoch)
+        if self._core.needs_snapshot and epoch not in self._choosers:
+            # Only once the epoch is asked for: its batches are chosen with the losses of then.
+            self._choosers[epoch] = asyncio.get_running_loop().create_task(self._choose(epoch))
         cond = self._condition()
         async with cond:
             await cond.wait_for(lambda: epoch in self._core.epochs or feeder.done())
@@ -101,6 +115,53 @@ class CuratorActor(ProcessInfo):
                     break
                 await cond.wait()
         return await self._handed_out(result, rank, epoch, seq)
+
+    def _start_feeding(self, epoch: int, early: bool = False) -> asyncio.Task:
+        if early:
+            self._early[epoch] = None  # the shard list it reads, once it has it
+        task = self._feeders[epoch] = asyncio.get_running_loop().create_task(self._feed(epoch, early))
+        return task
+
+    def _start_next_early(self, epoch: int) -> None:
+        """Starts reading the epoch after `epoch` once `epoch`'s reading is done and a rank has
+        asked for it: the next epoch's first batch is then ready when it is asked for, where
+        filling its shuffle buffer took most of a short curated epoch's first batch (77 of
+        165 ms). Reading stops at `ready_batches` super-batches as always; nothing is chosen and
+        no older epoch is forgotten until a rank asks (`_claim`)."""
+        core, after = self._core, epoch + 1
+        if core.spec.stream or epoch in self._early or epoch not in self._read_done:
+            return
+        if (core.spec.total_epochs and after >= core.spec.total_epochs) or after in self._feeders or after in core.epochs:
+            return
+        self._start_feeding(after, early=True)
+
+    async def _claim(self, epoch: int) -> None:
+        """The first request of an epoch started early: keeps what it read if the pool's shards
+        are those it started with, else starts it again, as it would have started now."""
+        feeder, cond = self._feeders[epoch], self._condition()
+        async with cond:
+            await cond.wait_for(lambda: self._early[epoch] is not None or feeder.done())
+        now = [(s.index, s.uri) for s in await self._registry.readable.remote()]
+        run = self._core.epochs.get(epoch)
+        read_early = self._read_early.pop(epoch, [])
+        kept = self._early.pop(epoch) == now and run is not None and not run.ledger.error and not feeder.cancelled()
+        kept = kept and not any(self._rewritten(index, uri) for index, uri in read_early)
+        if kept:
+            self._core.claim_epoch(epoch)
+            self._forget_journals()
+            self._start_next_early(epoch)
+            return
+        feeder.cancel()
+        self._core.epochs.pop(epoch, None)
+        self._read_done.discard(epoch)
+        self._start_feeding(epoch)
+
+    def _rewritten(self, index: int, uri: str) -> bool:
+        """Whether a local shard file changed since this curator took its rows. Remote and pipe:
+        shards are taken as immutable, as the readers' caches take them."""
+        if is_remote(uri) or is_pipe(uri):
+            return False
+        return ShardCache.identity(uri, index) != self._identities.get(index)
 
     async def next_batches(self, rank: int, epoch: int, seq: int, count: int, acked: int = -1) -> list[Lookup]:
         """Batch `seq` as `next_batch` gives it, then those after it, up to `count` in all, as far
@@ -253,7 +314,7 @@ class CuratorActor(ProcessInfo):
                 log.warning("an actor died while reading or scoring %s (%s); retrying", uri, exc)
         return ReadResult(index, uri, error=f"actors died {READ_ATTEMPTS} times reading it"), None
 
-    async def _feed(self, epoch: int) -> None:
+    async def _feed(self, epoch: int, early: bool = False) -> None:
         try:
             if self._budget is not None:
                 self._core.prune(await self._budget.pruned.remote())
@@ -261,7 +322,9 @@ class CuratorActor(ProcessInfo):
             arrivals = self._arrivals
             shards = await self._registry.readable.remote()
             self._recorded = {s.index: s.rows for s in shards if s.state == OK}
-            queue = collections.deque(self._core.start_epoch(epoch, shards))
+            queue = collections.deque(self._core.start_epoch(epoch, shards, early=early))
+            if early:
+                self._early[epoch] = [(s.index, s.uri) for s in shards]
             in_pass = {s.index for s in shards}
             self._forget_journals()
             await self._notify()
@@ -291,10 +354,14 @@ class CuratorActor(ProcessInfo):
                     continue
                 result = await inflight[0]
                 inflight.popleft()
+                if epoch in self._early:
+                    self._read_early.setdefault(epoch, []).append((result[0].index, result[0].uri))
                 await self._accept(epoch, *result)
                 await self._notify()
                 self._checkpoint_if_due()
             self._core.finish_reading(epoch)
+            self._read_done.add(epoch)
+            self._start_next_early(epoch)
             await self._notify()
             await self.checkpoint()
         except Exception as exc:  # a waiting trainer must hear about it rather than hang

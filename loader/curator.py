@@ -48,6 +48,8 @@ class EpochRun:
     # sample comes again within `repeat_window` rows.
     recent: np.ndarray | None = None
     started: bool = True
+    # Started before any rank asked for it (`start_epoch(early=True)`), until one does.
+    early: bool = False
     # A super-batch drawn and awaiting its learner losses (snapshot mode): at most one at a time.
     drawn: Candidates | None = None
 
@@ -92,9 +94,11 @@ class Curator:
 
     # -- reading side ---------------------------------------------------------------------------
 
-    def start_epoch(self, epoch: int, shards: list[ShardRecord]) -> list[ShardRecord]:
+    def start_epoch(self, epoch: int, shards: list[ShardRecord], early: bool = False) -> list[ShardRecord]:
         """Creates the epoch (or goes on with one restored from its journal) and returns its
-        shards in the order to read them, which is the order they must be added in."""
+        shards in the order to read them, which is the order they must be added in. Epochs
+        older than `keep_epochs` are forgotten then, or, for an epoch started `early` (before any
+        rank asked for it), only once one does (`claim_epoch`): a lagging rank may still read one."""
         run = self.epochs.get(epoch)
         if run is not None and run.started:
             raise RuntimeError(f"epoch {epoch} already started")
@@ -103,7 +107,9 @@ class Curator:
         run.started = True
         if self.spec.stream:
             run.recent = self._recent(epoch)
-        self._forget_old_epochs(epoch)
+        run.early = early
+        if not early:
+            self._forget_old_epochs(epoch)
         order = [shards[i] for i in self._shard_rng(epoch).permutation(len(shards))]
         # Shards none of whose rows is left (all considered before a restart, or all pruned) need
         # no read.
@@ -337,6 +343,11 @@ class Curator:
         shard has been read (after a restart): the rows' own shards tell it then."""
         return BatchPlan(wanted.ids, wanted.weights, self.schema)
 
+    def claim_epoch(self, epoch: int) -> None:
+        """A rank asked for an epoch started early: it counts as started from now on."""
+        self.epochs[epoch].early = False
+        self._forget_old_epochs(epoch)
+
     def _forget_old_epochs(self, newest: int) -> None:
         for epoch in [e for e in self.epochs if e <= newest - self.settings.keep_epochs]:
             del self.epochs[epoch]
@@ -348,7 +359,7 @@ class Curator:
             "policy": self.spec.policy,
             "world_size": self.spec.world_size,
             "batch_size": self.spec.batch_size,
-            "epoch": max(self.epochs, default=0),
+            "epoch": max((e for e, run in self.epochs.items() if not run.early), default=0),
             "batches_served": self.batches_served,
             "samples_served": self.samples_served,
             "feedback_samples": self.pool.feedback_samples,

@@ -268,6 +268,18 @@ def test_old_epochs_are_forgotten() -> None:
     assert curator.stats()["epoch"] == 2
 
 
+def test_an_epoch_started_early_forgets_old_epochs_only_once_claimed() -> None:
+    curator = Curator(SPEC, SETTINGS)  # keep_epochs = 2
+    for epoch in range(2):
+        curator.start_epoch(epoch, records(1))
+    curator.start_epoch(2, records(1), early=True)
+    assert curator.lookup(0, 0, 0) == Pending()  # a lagging rank still reads epoch 0
+    assert curator.stats()["epoch"] == 1  # no rank is in epoch 2 yet
+    curator.claim_epoch(2)
+    assert isinstance(curator.lookup(0, 0, 0), Failed)
+    assert curator.stats()["epoch"] == 2
+
+
 def test_failed_epoch_fails_lookups() -> None:
     curator = curator_with([10, 10])
     curator.fail_epoch(0, "all shards quarantined")
