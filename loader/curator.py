@@ -66,7 +66,7 @@ class Curator:
         self.selector = Selector(spec.policy, spec.options, spec.batch_size, spec.seed)
         self.schema: pa.Schema | None = None
         self.epochs: dict[int, EpochRun] = {}
-        # Shard index -> what the buffers hold of its rows, kept for the next epochs (see `kept_rows`).
+        # Shard index -> what the buffers hold of its rows, kept for the next epochs (see `_kept_rows`).
         self._kept: dict[int, pa.Table] = {}
         # Sample ids the pool budget pruned (sorted): never served from the moment they are known.
         self.pruned = np.zeros(0, np.int64)
