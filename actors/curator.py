@@ -63,7 +63,6 @@ class CuratorActor(ProcessInfo):
         self._early: dict[int, list[tuple[int, str]] | None] = {}
         self._claims: dict[int, asyncio.Task] = {}
         self._read_early: dict[int, list[tuple[int, str]]] = {}  # (index, URI) of shards they read
-        self._read_done: set[int] = set()
         self._changed: asyncio.Condition | None = None
         # Stream jobs: how many times shards were added to the pool (the pass in progress takes
         # them in when this moves).
@@ -129,7 +128,7 @@ class CuratorActor(ProcessInfo):
         165 ms). Reading stops at `ready_batches` super-batches as always; nothing is chosen and
         no older epoch is forgotten until a rank asks (`_claim`)."""
         core, after = self._core, epoch + 1
-        if core.spec.stream or epoch in self._early or epoch not in self._read_done:
+        if core.spec.stream or epoch in self._early or not core.reading_finished(epoch):
             return
         if (core.spec.total_epochs and after >= core.spec.total_epochs) or after in self._feeders or after in core.epochs:
             return
@@ -153,7 +152,6 @@ class CuratorActor(ProcessInfo):
             return
         feeder.cancel()
         self._core.epochs.pop(epoch, None)
-        self._read_done.discard(epoch)
         self._start_feeding(epoch)
 
     def _rewritten(self, index: int, uri: str) -> bool:
@@ -360,7 +358,6 @@ class CuratorActor(ProcessInfo):
                 await self._notify()
                 self._checkpoint_if_due()
             self._core.finish_reading(epoch)
-            self._read_done.add(epoch)
             self._start_next_early(epoch)
             await self._notify()
             await self.checkpoint()

@@ -26,7 +26,7 @@ from ray.exceptions import ObjectLostError, RayActorError
 
 from actors.routing import shard_reader
 from loader.errors import ShardError
-from loader.gather import Source, conformed, encode_plan_parts
+from loader.gather import Source, conformed, encode_plan_parts, plan_schema
 from loader.job.plan import BatchPlan
 from loader.shard_cache import ShardCache
 from loader.sources import remote_settings
@@ -135,7 +135,7 @@ class ShardTables:
                 entries[shard] = entry
         if missing:  # only then the tasks and awaits: most batches find every table here
             entries.update(zip(missing, await asyncio.gather(*(self._entry(s, uris[s]) for s in missing))))
-        schema = plan.schema if plan.schema is not None else entries[min(entries)].table.schema
+        schema = plan_schema(plan, {s: e.table for s, e in entries.items()})
         try:
             sources = {s: e.conformed(schema) for s, e in entries.items()}
         except (IndexError, ValueError, pa.ArrowException) as exc:  # as the gather's

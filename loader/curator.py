@@ -217,6 +217,10 @@ class Curator:
     def finish_reading(self, epoch: int) -> None:
         self.epochs[epoch].assembler.finish()
 
+    def reading_finished(self, epoch: int) -> bool:
+        run = self.epochs.get(epoch)
+        return run is not None and run.assembler.finished
+
     def prune(self, ids: np.ndarray) -> None:
         """The pool budget pruned `ids`: no batch chosen from now on holds one."""
         self.pruned = np.union1d(self.pruned, np.asarray(ids, np.int64))
