@@ -102,13 +102,10 @@ def payload_table(rows: int, rng: np.random.Generator, shard_index: int = 0) -> 
 
 
 def index_bytes(curator: Curator) -> dict[str, int]:
-    """Bytes of the pool index's numpy arrays per column, embeddings listed apart. (PoolIndex has
-    no accessor for its blocks; reading them here keeps the benchmark from changing it.)"""
+    """Bytes of the pool index's numpy columns, embeddings listed apart, over the rows the pool
+    holds: the columns' spare capacity (they grow by doubling) and the garbage rows a rewritten
+    shard leaves until compaction are not counted. (PoolIndex has no accessor for its columns;
+    reading them here keeps the benchmark from changing it.)"""
     pool = curator.pool
-    columns = {
-        "learner_loss": pool._learner_loss,
-        "ref_loss": pool._ref_loss,
-        "cluster": pool._cluster,
-        "embedding": pool._embedding,
-    }
-    return {name: int(sum(a.nbytes for a in blocks.values())) for name, blocks in columns.items()}
+    columns = {"learner_loss": pool._loss, "ref_loss": pool._ref, "cluster": pool._cluster, "embedding": pool._emb}
+    return {name: len(pool) * column[0].nbytes for name, column in columns.items()}

@@ -161,3 +161,21 @@ def test_a_forgotten_cluster_regains_weight_in_snapshot_mode() -> None:
     assert after[forgotten].sum() > before[forgotten].sum() + 0.2
     assert after[forgotten].min() > after[kept].max(), (noise_share.round(2), after.round(3))
     assert selector.reward.trends[forgotten].min() > 0.1
+
+
+def test_a_shard_rewritten_with_another_row_count_needs_its_scores_again() -> None:
+    """Scores are per row: those of a shard's old rows do not fit its new ones. Without new
+    scores it is refused (quarantined) rather than chosen from; with them it is used."""
+    selector = _selector("learnability+bandit+diversity")
+    ref, embedding, _, _ = _pool(3)[0]
+    assert selector.add_shard(0, ROWS, (ref, embedding)) == ""
+    assert selector.pool.has_scores(0) and not selector.pool.has_scores(0, ROWS + 5)
+    assert "no reference scores" in selector.add_shard(0, ROWS + 5, None)
+    more = len(ref) + 5
+    ref2, embedding2 = np.resize(ref, more), np.resize(embedding, (more, DIM))
+    assert selector.add_shard(0, more, (ref2, embedding2)) == ""
+    ids = make_ids(0, more)
+    np.testing.assert_array_equal(selector.pool.reference_loss(ids), ref2)
+    assert (selector.pool.cluster_of(ids) >= 0).all()  # assigned again for the new rows
+    chosen = selector.select(ids[: selector.super_batch], None, np.random.default_rng(0), progress=None)
+    assert len(chosen.kept) == selector.batch_size

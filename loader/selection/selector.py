@@ -100,7 +100,7 @@ class Selector:
     def add_shard(self, index: int, rows: int, scores: tuple[np.ndarray, np.ndarray] | None) -> str:
         """Registers a shard's rows and reference scores; why it cannot be used, or ''. Shards
         must come in one fixed order: cluster assignment learns from each shard it sees."""
-        if self.needs_scores and scores is None and not self.pool.has_scores(index):
+        if self.needs_scores and scores is None and not self.pool.has_scores(index, rows):
             return "no reference scores for this shard"
         self.pool.ensure_shard(index, rows)
         if scores is not None and not self.pool.has_scores(index):
