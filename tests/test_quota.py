@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loader.selection.quota import ClusterBuffer
+from loader.selection.quota import ClusterBuffer, distinct_picks
 
 
 @settings(max_examples=50, deadline=None)
@@ -75,17 +77,20 @@ def test_too_large_a_quota_draws_nothing() -> None:
 
 
 def _reference_draw(held: list[list[int]], quotas: np.ndarray, rng: np.random.Generator) -> list[int]:
-    """ClusterBuffer's swap-remove in plain Python: each cluster's picks are taken, and the holes
-    they leave below the new end are filled, in the order picked, by the rows of the tail that
-    were not picked, in their order."""
+    """ClusterBuffer's swap-remove in plain Python, one cluster at a time: each cluster's picks
+    (`distinct_picks`, as the buffer draws them) are taken, and the holes they leave below the
+    new end are filled, in the order picked, by the rows of the tail that were not picked, in
+    their order."""
+    wanted = np.flatnonzero(quotas).tolist()
+    picks = distinct_picks(np.array([len(held[c]) for c in wanted], np.int64), quotas[wanted], rng).tolist()
     out: list[int] = []
-    for c in np.flatnonzero(quotas).tolist():
+    for c in wanted:
         rows, k = held[c], int(quotas[c])
-        picks = rng.choice(len(rows), size=k, replace=False).tolist()
-        out += [rows[p] for p in picks]
+        mine, picks = picks[:k], picks[k:]
+        out += [rows[p] for p in mine]
         keep = len(rows) - k
-        survivors = [rows[j] for j in range(keep, len(rows)) if j not in picks]
-        for hole, row in zip([p for p in picks if p < keep], survivors):
+        survivors = [rows[j] for j in range(keep, len(rows)) if j not in mine]
+        for hole, row in zip([p for p in mine if p < keep], survivors):
             rows[hole] = row
         del rows[keep:]
     return out
@@ -112,10 +117,53 @@ def test_cluster_buffer_draws_and_keeps_rows_as_the_swap_remove_model(sizes, rou
         assert buffer.draw(quotas, mine).tolist() == _reference_draw(held, quotas, theirs)
         # Where every row now sits decides the next draws. (Clusters never added to are unknown.)
         counts = buffer.counts()
-        layout = [buffer._rows[c][: counts[c]].tolist() if c < len(counts) else [] for c in range(len(held))]
+        layout = [buffer.rows_in(c).tolist() if c < len(counts) else [] for c in range(len(held))]
         assert layout == held
         more = feed.integers(0, len(sizes), size=int(feed.integers(0, 20)))
         new_rows = np.arange(len(more)) + 1000 * (i + 1)
         buffer.add(more, new_rows)
         for c, r in zip(more.tolist(), new_rows.tolist()):
             held[c].append(r)
+
+
+@pytest.mark.parametrize("n, k", [(6, 1), (6, 3), (6, 4), (5, 5)])  # sparse, at the edge, dense, all
+def test_distinct_picks_makes_every_ordered_choice_equally_likely(n, k) -> None:
+    rng = np.random.default_rng(n * 10 + k)
+    draws = 30 * 360
+    # A second group beside it: groups must not disturb each other.
+    picks = np.stack([distinct_picks(np.array([n, 4]), np.array([k, 2]), rng) for _ in range(draws)])
+    mine, other = picks[:, :k], picks[:, k:]
+    assert (np.sort(mine, axis=1)[:, 1:] != np.sort(mine, axis=1)[:, :-1]).all() and (mine < n).all()
+    assert (other[:, 0] != other[:, 1]).all() and (other < 4).all()
+    # Every ordered k-tuple of distinct positions, counted.
+    codes = (mine * n ** np.arange(k)).sum(axis=1)
+    counts = np.bincount(codes, minlength=n**k)
+    possible = math.perm(n, k)
+    assert np.count_nonzero(counts) == possible
+    expected = draws / possible
+    assert (np.abs(counts[counts > 0] - expected) < 5 * np.sqrt(expected)).all(), counts
+
+
+def test_clusters_growing_and_draining_lose_nothing_and_keep_the_store_bounded() -> None:
+    """Many clusters growing and draining in turn: rows never repeat or vanish, and the shared
+    store stays within a small multiple of what its clusters ever held at once (a cluster keeps
+    its room once it had it, as an array would; what moving clusters leave behind is reused)."""
+    rng = np.random.default_rng(7)
+    buffer, everything, drawn = ClusterBuffer(), [], []
+    peak = np.zeros(50, np.int64)
+    next_row = 0
+    for _ in range(150):
+        more = int(rng.integers(0, 400))
+        clusters = rng.integers(0, 50, size=more)
+        rows = np.arange(next_row, next_row + more)
+        next_row += more
+        buffer.add(clusters, rows)
+        everything += rows.tolist()
+        counts = buffer.counts()
+        peak[: len(counts)] = np.maximum(peak[: len(counts)], counts)
+        # Mostly small draws, so clusters keep growing and move often; now and then one drains.
+        fractions = np.where(rng.random(len(counts)) < 0.05, 1.0, 0.3 * rng.random(len(counts)))
+        drawn += buffer.draw(np.floor(fractions * counts).astype(np.int64), rng).tolist()
+        assert len(buffer._store) <= 4 * np.maximum(2 * peak, 16).sum() + 64
+    rest = buffer.draw(buffer.counts(), rng).tolist()
+    assert sorted(drawn + rest) == everything and len(buffer) == 0
