@@ -214,6 +214,16 @@ def test_topk_path_chooses_what_the_plain_loop_chooses(n, k_fraction, chunk, lam
     memory = _memory_of(rows, 256) if remembered <= 256 else _memory_of(rows[-256:], 256)
     got = select_diverse(scores, emb, k, memory, lam, chunk, topk, 1.0, rng)
     want = select_diverse(scores, emb, k, memory, lam, chunk, _plain_topk, 1.0, rng)
+    if kind == "copies":
+        # The two paths compute a pair's similarity in products of other shapes, and BLAS may
+        # round one pair a step differently by where it sits in the block its kernel computes:
+        # then which of two exact copies wins their tie can differ. Copies are interchangeable,
+        # so the same candidates means the same scores and embeddings, in the same order.
+        np.testing.assert_array_equal(scores[got.indices], scores[want.indices])
+        np.testing.assert_array_equal(emb[got.indices], emb[want.indices])
+        np.testing.assert_array_equal(got.probs[got.indices], want.probs[want.indices])
+        np.testing.assert_array_equal(np.sort(got.probs), np.sort(want.probs))
+        return
     np.testing.assert_array_equal(got.indices, want.indices)
     np.testing.assert_array_equal(got.probs, want.probs)
 
