@@ -299,7 +299,7 @@ class CuratorActor(ProcessInfo):
                     problem = mismatch_reason(result.table.schema, self._core.schema)
                     if problem:
                         return ReadResult(index, uri, error=problem), None
-                if self._core.needs_scores and not self._core.pool.has_scores(index):
+                if self._core.needs_scores and not self._core.pool.has_scores(index, result.table.num_rows):
                     try:
                         scores = await self._scorers[index % len(self._scorers)].score.remote(shard.ref)
                     except RayTaskError as exc:
