@@ -71,12 +71,7 @@ class Pipeline:
         placed = ShardReaderActor.options(resources=dict(config.reader_resources)) if config.reader_resources else ShardReaderActor
         self._readers = [placed.remote(config.reader_cache_mb << 20, remote) for _ in range(config.readers)]
         # The gateway's side of the data plane: batch plans gathered from shard tables it maps.
-        # Its tables are the readers' cached objects, mapped, so it may keep as many as all the
-        # readers together do at no memory of its own while they keep them too. Sized to one
-        # reader's cache, it held half of a pool that both readers held, and a pool read in the
-        # same order each epoch then missed in every batch (least recently used out): a reader
-        # call per shard, 3.7 ms of CPU between the two processes for a 10 MB shard.
-        self._table_bytes = max(config.readers * config.reader_cache_mb, 64) << 20
+        self._table_bytes = max(config.reader_cache_mb, 64) << 20
         self._tables = ShardTables(self._readers, self._table_bytes, remote)
         # Gateway processes beyond the caller's (config `gateways`), started by the first gateway.
         self._gateways: Gateways | None = None
