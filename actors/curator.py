@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import re
 import time
@@ -36,6 +37,9 @@ from loader.state_store import StateStore, job_folder
 log = logging.getLogger("loader.curator")
 
 READ_ATTEMPTS = 3
+# Reads run `prefetch` ahead; readers are asked whether they cache the next shards unchanged this
+# many times as far ahead, in one call each.
+CACHED_WINDOW = 4
 
 
 # Ray restarts a dead curator and retries the calls that were in flight (all of them are safe to
@@ -271,16 +275,45 @@ class CuratorActor(ProcessInfo):
 
     # -- reading ---------------------------------------------------------------------------------
 
-    async def _read(self, uri: str, index: int) -> tuple[ReadResult, tuple | None]:
+    def _again(self, index: int) -> bool:
+        """Whether the curator holds what it needs of the shard if its file is unchanged: the rows'
+        ids and, where the policy needs them, the reference scores."""
+        core = self._core
+        return core.holds_rows(index) and not (core.needs_scores and not core.pool.has_scores(index))
+
+    async def _cached_ahead(self, shards: list) -> tuple[set[int], set[int]]:
+        """Which of `shards` (the next ones to read) were asked about, and which of those their
+        readers cache unchanged (`ShardReaderActor.cached_unchanged`): those are read without a
+        call each. Asked a window at a time, as reads run ahead, so that a shard rewritten
+        meanwhile is found about as soon as a read would have found it."""
+        asks: dict[int, tuple] = {}  # by reader: the reader and what to ask it
+        for shard in shards:
+            known = self._identities.get(shard.index)
+            if known is not None and self._again(shard.index):
+                reader = shard_reader(self._readers, shard.index)
+                asks.setdefault(id(reader), (reader, []))[1].append((shard.uri, shard.index, known))
+        cached: set[int] = set()
+        for answer in await asyncio.gather(
+            *(reader.cached_unchanged.remote(items) for reader, items in asks.values()), return_exceptions=True
+        ):
+            if isinstance(answer, (RayActorError, ObjectLostError)):
+                continue  # its shards are read one by one, which retries
+            if isinstance(answer, BaseException):
+                raise answer
+            cached.update(answer)
+        return {shard.index for shard in shards}, cached
+
+    async def _read(self, uri: str, index: int, cached: bool = False) -> tuple[ReadResult, tuple | None]:
         """Reads a shard and, when the policy needs them and the pool lacks them, its reference
         scores. The reader hands out a reference to the decoded shard in the object store (put
         there once while the reader caches it); the scorer gets that reference, not a copy.
         A result without table or error: the file is unchanged since the curator last took its
-        rows, which it holds (`Curator.add_again`)."""
-        core = self._core
+        rows, which it holds (`Curator.add_again`); `cached`: its reader said so already."""
         # Only the reader can tell the file's identity: remote shards are known by their copy in
         # the reader's read cache. Scores still wanted need the table.
-        again = core.holds_rows(index) and not (core.needs_scores and not core.pool.has_scores(index))
+        again = self._again(index)
+        if cached and again:
+            return ReadResult(index, uri), None
         known = self._identities.get(index) if again else None
         # A reader that dies mid-read is restarted by Ray; the shard goes to the next reader. The
         # objects a reader owns die with it: a shard lost so is read again the same way.
@@ -335,6 +368,8 @@ class CuratorActor(ProcessInfo):
                 await self._notify()  # batches may be ready, and requests wait on the condition
             # Reads in flight, oldest first: each is accepted only after those before it.
             inflight: collections.deque[asyncio.Future] = collections.deque()
+            asked: set[int] = set()  # shards whose readers were asked if they cache them unchanged
+            cached: set[int] = set()  # ... and those they do
             while True:
                 if self._core.spec.stream and arrivals != self._arrivals:
                     arrivals = self._arrivals
@@ -344,8 +379,11 @@ class CuratorActor(ProcessInfo):
                         break
                     continue
                 while queue and len(inflight) < self._prefetch and self._core.wants_more(epoch):
+                    if queue[0].index not in asked:
+                        window = list(itertools.islice(queue, CACHED_WINDOW * self._prefetch))
+                        asked, cached = await self._cached_ahead(window)
                     shard = queue.popleft()
-                    inflight.append(asyncio.ensure_future(self._read(shard.uri, shard.index)))
+                    inflight.append(asyncio.ensure_future(self._read(shard.uri, shard.index, shard.index in cached)))
                 if not inflight:
                     async with self._condition():
                         await self._condition().wait_for(lambda: self._core.wants_more(epoch))

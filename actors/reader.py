@@ -63,3 +63,16 @@ class ShardReaderActor(ProcessInfo):
         if known is not None and shard.identity == known:
             return ShardRef(index, uri, identity=known, unchanged=True)
         return shard
+
+    def cached_unchanged(self, shards: list[tuple[str, int, tuple]]) -> list[int]:
+        """Of `shards`, each (uri, index, the identity the caller read it at), the indices this
+        reader caches with that identity still. One call for the shards a caller reads next and
+        already holds the rows of, where a read each cost a call each: most of what a later
+        epoch of a cached pool cost the readers. A shard that is cached is touched, as a read
+        would: the gateway gathers its rows next."""
+        out = []
+        for uri, index, known in shards:
+            shard = self._cache.get(uri, index)
+            if shard is not None and shard.identity == known:
+                out.append(index)
+        return out

@@ -117,6 +117,29 @@ def test_a_reader_answers_unchanged_without_a_reference_only_while_the_file_is(r
             ray.kill(actor)
 
 
+def test_a_reader_names_the_shards_it_caches_unchanged_in_one_call(ray_session, tmp_path):
+    import ray
+
+    from actors.reader import ShardReaderActor
+
+    paths = [shard(tmp_path, name, 10) for name in "abc"]
+    reader, uncached = ShardReaderActor.remote(1 << 20), ShardReaderActor.remote(0)
+    try:
+        known = [ray.get(reader.read.remote(p, i), timeout=RAY_TIMEOUT_S).identity for i, p in enumerate(paths)]
+        asks = [(p, i, k) for i, (p, k) in enumerate(zip(paths, known))]
+        assert ray.get(reader.cached_unchanged.remote(asks), timeout=RAY_TIMEOUT_S) == [0, 1, 2]
+        write_parquet(paths[1], {"x": np.ones((12, 4), np.float32)})  # rewritten
+        os.remove(paths[2])  # gone
+        # Named with an identity it was not read at, or not cached at all: not unchanged.
+        other = [(paths[0], 0, (paths[0], 0, 1, 2)), (shard(tmp_path, "d", 3), 3, known[0])]
+        assert ray.get(reader.cached_unchanged.remote(asks + other), timeout=RAY_TIMEOUT_S) == [0]
+        ray.get(uncached.read.remote(paths[0], 0), timeout=RAY_TIMEOUT_S)
+        assert ray.get(uncached.cached_unchanged.remote(asks[:1]), timeout=RAY_TIMEOUT_S) == []
+    finally:
+        for actor in (reader, uncached):
+            ray.kill(actor)
+
+
 def test_a_shard_dies_with_its_reader_and_the_restarted_reader_puts_it_again(ray_session, tmp_path):
     """The contract the curator's retry rests on: awaiting a dead reader's object raises an
     ObjectLostError (OwnerDiedError), and the restarted reader, its cache empty, reads afresh."""
