@@ -284,8 +284,9 @@ class CuratorActor(ProcessInfo):
     async def _cached_ahead(self, shards: list) -> tuple[set[int], set[int]]:
         """Which of `shards` (the next ones to read) were asked about, and which of those their
         readers cache unchanged (`ShardReaderActor.cached_unchanged`): those are read without a
-        call each. Asked a window at a time, as reads run ahead, so that a shard rewritten
-        meanwhile is found about as soon as a read would have found it."""
+        call each. Asked a window at a time, as reads run ahead, so that a shard evicted meanwhile
+        is read (and so cached for the gateway) again; `_read` looks at a local file once more
+        when its turn comes."""
         asks: dict[int, tuple] = {}  # by reader: the reader and what to ask it
         for shard in shards:
             known = self._identities.get(shard.index)
@@ -312,7 +313,9 @@ class CuratorActor(ProcessInfo):
         # Only the reader can tell the file's identity: remote shards are known by their copy in
         # the reader's read cache. Scores still wanted need the table.
         again = self._again(index)
-        if cached and again:
+        # Asked a while ago (reads wait for the epoch to want more): a local file is looked at
+        # again, as a read would.
+        if cached and again and not self._rewritten(index, uri):
             return ReadResult(index, uri), None
         known = self._identities.get(index) if again else None
         # A reader that dies mid-read is restarted by Ray; the shard goes to the next reader. The
