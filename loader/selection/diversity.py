@@ -118,7 +118,7 @@ class EmbeddingMemory:
         if len(rows):
             # Stored oldest first and already unit length: written back as they are, since
             # normalising again could move them by a rounding step.
-            oldest = (self._head - len(rows)) % self.size if len(rows) < self.size else self._head
+            oldest = (self._head - len(rows)) % self.size  # 0 while not full, else the head
             self._rows[(oldest + np.arange(len(rows))) % self.size] = rows
         # An upper bound on the length of every row held (what `add` writes is unit length, what
         # a state brings is measured): `_lower_bounds` sizes its rounding margin with it.
