@@ -69,6 +69,22 @@ def test_memory_state_round_trip(tmp_path) -> None:
     assert len(empty) == 0
 
 
+def test_a_restored_memory_keeps_its_rows_where_they_sat_and_refuses_a_bad_head() -> None:
+    rng = np.random.default_rng(2)
+    memory = EmbeddingMemory(8)
+    memory.add(rng.normal(size=(13, 4)))  # full, the ring's head past its start
+    restored = EmbeddingMemory(8)
+    restored.reset(memory.get_state())
+    np.testing.assert_array_equal(restored._rows, memory._rows)  # the same places, not oldest first
+    older = {k: v for k, v in memory.get_state().items() if k != "head"}  # saved before the head was
+    restored.reset(older)
+    np.testing.assert_array_equal(restored.contents(), memory.contents())
+    partial = EmbeddingMemory(8)
+    partial.add(rng.normal(size=(3, 4)))
+    with pytest.raises(ValueError, match="3 rows of 8 but the next goes to 5"):
+        EmbeddingMemory(8).reset({**partial.get_state(), "head": np.array(5)})
+
+
 @pytest.mark.parametrize("name", sorted(SELECTORS))
 @settings(max_examples=25, deadline=None)
 @given(
