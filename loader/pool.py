@@ -23,6 +23,7 @@ _MIN_SHARDS = 16
 
 # Per-row columns and what a blank row holds: never reported, not scored, not clustered.
 _ROW_BLANKS = {"_loss": np.nan, "_best": np.nan, "_ref": np.nan, "_cluster": -1, "_emb": 0}
+_ROW_DTYPES = {"_loss": np.float32, "_best": np.float32, "_ref": np.float32, "_cluster": np.int32, "_emb": np.float16}
 # Per-shard columns, their dtypes and what a shard not in the pool holds.
 _SHARD_BLANKS = {
     "_start": (np.int64, -1), "_rows": (np.int64, 0),
@@ -83,11 +84,9 @@ class PoolIndex:
         # set by the first `set_scores`). Rows up to `_end` are used; those a rewritten shard
         # left behind are garbage until the next compaction.
         capacity = max(capacity, _MIN_ROWS)
-        self._loss = np.full(capacity, np.nan, np.float32)
-        self._best = np.full(capacity, np.nan, np.float32)
-        self._ref = np.full(capacity, np.nan, np.float32)
-        self._cluster = np.full(capacity, -1, np.int32)
-        self._emb = np.zeros((capacity, 0), np.float16)
+        for name, blank in _ROW_BLANKS.items():
+            shape = (capacity, 0) if name == "_emb" else (capacity,)
+            setattr(self, name, np.full(shape, blank, _ROW_DTYPES[name]))
         self._end = 0
         self._live = 0
 
